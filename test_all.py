@@ -1,0 +1,313 @@
+"""Tests for the collection: brief CPU runs (and CUDA when present), shapes, quality against an untrained
+model, the JVP against finite differences, the MNIST loader on IDX files written here, clear errors,
+and the sections that must be byte-identical across scripts.  Run:  python -m pytest -q test_all.py"""
+import json
+import os
+import re
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import imf  # noqa: E402
+
+SCRIPTS = ["fm.py", "rectified_flow.py", "reflow.py", "imf.py", "imf_reflow.py"]
+SHARED_SECTIONS = ["data", "model", "training", "evaluation"]
+ALL_SECTIONS = ["config", "data", "model", "method", "training", "evaluation", "main"]
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def run_imf(tmp_path, *flags):
+    out = str(tmp_path / "out")
+    metrics = imf.main(["--out", out, "--seed", "0", *flags])
+    return out, metrics
+
+
+# ---------------------------------------------------------------- brief runs
+@pytest.fixture(scope="module")
+def brief(tmp_path_factory):
+    """One 600-step moons run shared by several tests."""
+    tmp = tmp_path_factory.mktemp("brief")
+    out, metrics = run_imf(tmp, "--steps", "600", "--n-eval", "500")
+    return out, metrics
+
+
+def test_imf_loss_goes_down(brief):
+    out, metrics = brief
+    losses = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["losses"]
+    assert len(losses) == 600
+    assert np.mean(losses[-100:]) < 0.85 * np.mean(losses[:50])
+
+
+def test_imf_outputs_and_1nfe_shape(brief):
+    out, metrics = brief
+    s = np.load(os.path.join(out, "samples.npz"))
+    assert s["nfe1"].shape == (500, 2) and s["nfe2"].shape == (500, 2) and s["real"].shape == (500, 2)
+    assert np.isfinite(s["nfe1"]).all()
+    saved = json.load(open(os.path.join(out, "metrics.json")))
+    for key in ("w2_nfe1", "w2_nfe2", "w2_floor", "w2_ratio_nfe1", "ms_per_step", "train_seconds"):
+        assert key in saved
+    assert os.path.getsize(os.path.join(out, "results.png")) > 10_000
+
+
+def test_imf_trained_beats_untrained(brief):
+    """1-NFE samples of the trained model are far closer to the data than an untrained model's."""
+    out, metrics = brief
+    args = imf.get_args(["--n-eval", "500"])
+    data = imf.Data("moons", "data", 0, torch.device("cpu"), 500)
+    torch.manual_seed(1)
+    untrained = imf.make_model(data.shape, 2, args)
+    e = torch.randn(500, 2, generator=torch.Generator().manual_seed(5))
+    w2_untrained = imf.w2_distance(data.to_data(imf.sample(untrained, e, 1)), data.heldout)
+    assert metrics["w2_nfe1"] < 0.4 * w2_untrained, (metrics["w2_nfe1"], w2_untrained)
+    # and the trained network, queried with the convention error of the seed text (noise at "t = 0",
+    # model(z, r=1, t=0)), gives clearly worse samples than the correct call e - u(e, r=0, t=1)
+    ckpt = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
+    model = imf.make_model(data.shape, 2, args)
+    model.load_state_dict(ckpt["ema"])
+    with torch.no_grad():
+        wrong = e - model(e, torch.ones(500), torch.zeros(500))
+    right = imf.sample(model, e, 1)
+    w2_wrong = imf.w2_distance(data.to_data(wrong), data.heldout)
+    w2_right = imf.w2_distance(data.to_data(right), data.heldout)
+    assert w2_right < 0.7 * w2_wrong, (w2_right, w2_wrong)
+
+
+class Spy(torch.nn.Module):
+    """Records the (r, t) a sampler asks for and which input z it passes."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, z, r, t):
+        self.calls.append((z.clone(), r.clone(), t.clone()))
+        return torch.ones_like(z)
+
+
+def test_imf_sampler_time_convention():
+    """1-NFE is x = e - u(e, r=0, t=1): the z input is the state at time t (noise at t = 1)."""
+    e = torch.randn(7, 2)
+    spy = Spy()
+    x = imf.sample(spy, e, 1)
+    (z, r, t), = spy.calls
+    assert torch.equal(z, e) and torch.all(r == 0) and torch.all(t == 1)
+    assert torch.allclose(x, e - 1)
+    spy = Spy()
+    imf.sample(spy, e, 2)
+    (z1, r1, t1), (z2, r2, t2) = spy.calls
+    assert torch.equal(z1, e) and torch.all(r1 == 0.5) and torch.all(t1 == 1)
+    assert torch.allclose(z2, e - 0.5) and torch.all(r2 == 0) and torch.all(t2 == 0.5)
+
+
+def test_imf_time_sampler_covers_boundary_and_corner():
+    r, t, nb = imf.sample_r_t(1000, "cpu", 0.5, 0.1)
+    assert nb == 500 and torch.all(r <= t) and torch.all(r[:nb] == t[:nb])
+    corner = (r == 0) & (t == 1)
+    assert corner.sum() >= 100
+    assert (t[nb:] - r[nb:] > 0.5).float().mean() > 0.3  # wide intervals are trained too
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_imf_brief_run_each_device(tmp_path, device):
+    out, metrics = run_imf(tmp_path, "--steps", "300", "--n-eval", "300", "--device", device)
+    losses = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True, map_location="cpu")["losses"]
+    assert np.mean(losses[-50:]) < np.mean(losses[:50])
+    assert np.load(os.path.join(out, "samples.npz"))["nfe1"].shape == (300, 2)
+
+
+def test_imf_digits_1nfe_shape(tmp_path):
+    out, metrics = run_imf(tmp_path, "--data", "digits", "--steps", "40", "--n-eval", "100", "--channels", "8")
+    s = np.load(os.path.join(out, "samples.npz"))
+    assert s["nfe1"].shape == (100, 1, 8, 8) and s["real"].shape == (100, 1, 8, 8)
+    assert s["nfe1"].min() >= 0 and s["nfe1"].max() <= 1
+    losses = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["losses"]
+    assert np.mean(losses[-10:]) < np.mean(losses[:10])
+
+
+# ---------------------------------------------------------------- the JVP
+def test_meanflow_jvp_matches_finite_difference():
+    """d/dt u(z_t, r, t) along dz/dt = v equals a central difference of u(z + h v, r, t + h)."""
+    torch.manual_seed(0)
+    args = imf.get_args(["--hidden", "32", "--depth", "2"])
+    model = imf.make_model((2,), 2, args).double()
+    z, v = torch.randn(16, 2, dtype=torch.float64), torch.randn(16, 2, dtype=torch.float64)
+    t = torch.rand(16, dtype=torch.float64) * 0.8 + 0.1
+    r = t * torch.rand(16, dtype=torch.float64)
+    u, dudt = imf.meanflow_jvp(model, z, r, t, v)
+    h = 1e-5
+    with torch.no_grad():
+        fd = (model(z + h * v, r, t + h) - model(z - h * v, r, t - h)) / (2 * h)
+        assert torch.allclose(u, model(z, r, t))
+    assert torch.allclose(dudt, fd, rtol=1e-5, atol=1e-7), (dudt - fd).abs().max()
+    # a wrong tangent (dr = 1 as well) would give a different derivative: the test can tell them apart
+    with torch.no_grad():
+        fd_wrong = (model(z + h * v, r + h, t + h) - model(z - h * v, r - h, t - h)) / (2 * h)
+    assert not torch.allclose(dudt, fd_wrong, rtol=1e-3, atol=1e-5)
+
+
+def test_imf_loss_is_flow_matching_on_the_boundary():
+    """With r = t everywhere the compound prediction is u(z, t, t): the loss is plain flow matching."""
+    torch.manual_seed(0)
+    args = imf.get_args(["--boundary-frac", "1", "--corner-frac", "0", "--hidden", "32"])
+    model = imf.make_model((2,), 2, args)
+    x, e = torch.randn(64, 2), torch.randn(64, 2)
+    torch.manual_seed(1)
+    loss = imf.imf_loss(model, x, e, args)
+    torch.manual_seed(1)
+    r, t, _ = imf.sample_r_t(64, "cpu", 1.0, 0.0)
+    z = (1 - t[:, None]) * x + t[:, None] * e
+    assert torch.allclose(loss, ((model(z, t, t) - (e - x)) ** 2).mean())
+
+
+# ---------------------------------------------------------------- MNIST from IDX files
+def write_idx(path, array):
+    array = np.asarray(array, dtype=np.uint8)
+    with open(path, "wb") as f:
+        f.write(struct.pack(">HBB", 0, 8, array.ndim))
+        f.write(struct.pack(">" + "I" * array.ndim, *array.shape))
+        f.write(array.tobytes())
+
+
+def test_mnist_loader_reads_idx_files(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    train_x, test_x = rng.integers(0, 256, (40, 28, 28)), rng.integers(0, 256, (12, 28, 28))
+    write_idx(raw / "train-images-idx3-ubyte", train_x)
+    write_idx(raw / "train-labels-idx1-ubyte", rng.integers(0, 10, 40))
+    write_idx(raw / "t10k-images-idx3-ubyte", test_x)
+    write_idx(raw / "t10k-labels-idx1-ubyte", rng.integers(0, 10, 12))
+    train, heldout = imf.load_images("mnist", str(tmp_path), 0)
+    assert train.shape == (40, 1, 28, 28) and heldout.shape == (12, 1, 28, 28)
+    assert torch.allclose(train[3, 0], torch.tensor(train_x[3], dtype=torch.float32) / 255)
+    out, metrics = run_imf(tmp_path, "--data", "mnist", "--data-dir", str(tmp_path), "--steps", "4",
+                           "--channels", "8", "--batch-size", "8")
+    assert np.load(os.path.join(out, "samples.npz"))["nfe1"].shape == (12, 1, 28, 28)
+
+
+def test_mnist_failure_suggests_digits(tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    class NoNetwork:
+        def __init__(self, *a, **k):
+            raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", NoNetwork)
+    with pytest.raises(SystemExit) as err:
+        imf.load_images("mnist", str(tmp_path), 0)
+    msg = str(err.value.code)
+    assert "--data digits" in msg and "\n" not in msg
+
+
+# ---------------------------------------------------------------- errors, checkpoints, interruptions
+@pytest.mark.parametrize("flags, text", [(["--data", "swissroll"], "invalid choice"),
+                                         (["--steps", "0"], "positive integer"),
+                                         (["--steps", "-5"], "positive integer"),
+                                         (["--lr", "nan"], "positive number")])
+def test_bad_flags_are_argparse_errors(flags, text, capsys):
+    with pytest.raises(SystemExit) as err:
+        imf.get_args(flags)
+    assert err.value.code == 2
+    assert text in capsys.readouterr().err
+
+
+def test_checkpoint_from_other_config_is_refused(tmp_path):
+    run_imf(tmp_path, "--steps", "20", "--hidden", "32", "--n-eval", "50")
+    with pytest.raises(SystemExit) as err:
+        run_imf(tmp_path, "--steps", "40", "--hidden", "64", "--n-eval", "50", "--resume")
+    msg = str(err.value.code)
+    assert "another config" in msg and "hidden" in msg and "\n" not in msg
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "imf.py"), "--out", str(out), "--resume",
+                           "--steps", "10", "--n-eval", "50"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: cannot read checkpoint"), proc.stderr
+
+
+def test_resume_continues_and_keeps_history(tmp_path):
+    out, _ = run_imf(tmp_path, "--steps", "60", "--n-eval", "50", "--hidden", "32")
+    first = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
+    out, metrics = run_imf(tmp_path, "--steps", "100", "--n-eval", "50", "--hidden", "32", "--resume")
+    second = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
+    assert first["step"] == 60 and second["step"] == 100 and metrics["steps"] == 100
+    assert len(second["losses"]) == 100 and second["losses"][:60] == first["losses"]
+    assert set(second) >= {"model", "ema", "optimizer", "step", "config"}
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    run_imf(tmp_path, "--steps", "50", "--n-eval", "50", "--hidden", "32", "--ckpt-every", "50")
+    good = torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=True)
+    real_loss, calls = imf.imf_loss, []
+
+    def exploding(model, x, e, args):
+        calls.append(1)
+        loss = real_loss(model, x, e, args)
+        return loss * float("nan") if len(calls) >= 20 else loss
+
+    monkeypatch.setattr(imf, "imf_loss", exploding)
+    with pytest.raises(SystemExit) as err:
+        run_imf(tmp_path, "--steps", "150", "--n-eval", "50", "--hidden", "32", "--resume", "--ckpt-every", "50")
+    msg = str(err.value.code)
+    assert "non-finite at step 70" in msg and "--lr" in msg
+    kept = torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=True)
+    assert kept["step"] == good["step"] == 50
+
+
+def test_ctrl_c_saves_checkpoint_and_figures(tmp_path, monkeypatch):
+    real_loss, calls = imf.imf_loss, []
+
+    def interrupted(model, x, e, args):
+        calls.append(1)
+        if len(calls) == 30:
+            raise KeyboardInterrupt
+        return real_loss(model, x, e, args)
+
+    monkeypatch.setattr(imf, "imf_loss", interrupted)
+    with pytest.raises(SystemExit) as err:
+        run_imf(tmp_path, "--steps", "1000", "--n-eval", "50", "--hidden", "32")
+    assert err.value.code == 130
+    out = tmp_path / "out"
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 29
+    assert (out / "results.png").exists() and (out / "samples.npz").exists()
+
+
+# ---------------------------------------------------------------- the collection's structure
+def sections(path):
+    src = open(path, encoding="utf-8").read()
+    hits = list(re.finditer(r"^# --- (\w[\w ]*) ---\s*$", src, re.M))
+    return {m.group(1): src[m.end():(hits[i + 1].start() if i + 1 < len(hits) else len(src))]
+            for i, m in enumerate(hits)}, [m.group(1) for m in hits]
+
+
+PRESENT = [s for s in SCRIPTS if os.path.exists(os.path.join(HERE, s))]
+
+
+@pytest.mark.parametrize("script", PRESENT)
+def test_script_has_the_skeleton(script):
+    secs, order = sections(os.path.join(HERE, script))
+    assert order == ALL_SECTIONS, order
+    src = open(os.path.join(HERE, script), encoding="utf-8").read()
+    assert src.startswith('"""') and "t = 0" in src.split('"""')[1]  # docstring states the convention
+    assert not re.search(r"^\s*(from|import) (fm|rectified_flow|reflow|imf|imf_reflow)\b", src, re.M)
+
+
+@pytest.mark.parametrize("name", SHARED_SECTIONS)
+def test_shared_sections_are_byte_identical(name):
+    bodies = {s: sections(os.path.join(HERE, s))[0].get(name) for s in PRESENT}
+    assert all(b is not None for b in bodies.values()), bodies.keys()
+    reference = bodies["imf.py"]
+    different = [s for s, b in bodies.items() if b != reference]
+    assert not different, f"section '{name}' differs from imf.py in {different}"
