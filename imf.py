@@ -24,12 +24,15 @@ import math
 import os
 import sys
 import time
+import warnings
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
+
+warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated")  # from torch.func.jvp's first use
 
 # --- config ---
 SCRIPT = "imf"
@@ -63,11 +66,11 @@ def get_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", default="moons", choices=TOY_DATA + IMAGE_DATA, help="dataset")
     p.add_argument("--data-dir", default="data", help="where MNIST is stored / downloaded")
-    p.add_argument("--steps", type=positive_int, default=6000, help="training steps")
-    p.add_argument("--batch-size", type=positive_int, default=256, help="batch size")
-    p.add_argument("--lr", type=positive_float, default=2e-3, help="Adam learning rate")
+    p.add_argument("--steps", type=positive_int, default=3000, help="training steps")
+    p.add_argument("--batch-size", type=positive_int, default=512, help="batch size")
+    p.add_argument("--lr", type=positive_float, default=5e-3, help="Adam learning rate")
     p.add_argument("--ema", type=fraction, default=0.999, help="EMA decay of the weights used for sampling")
-    p.add_argument("--hidden", type=positive_int, default=128, help="width of the 2D residual MLP")
+    p.add_argument("--hidden", type=positive_int, default=64, help="width of the 2D residual MLP")
     p.add_argument("--depth", type=positive_int, default=3, help="residual blocks of the 2D MLP")
     p.add_argument("--channels", type=positive_int, default=32, help="base channels of the image U-Net")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="device")
@@ -77,13 +80,16 @@ def get_args(argv=None):
     p.add_argument("--n-eval", type=positive_int, default=2000, help="samples for the W2 metric")
     p.add_argument("--ckpt-every", type=positive_int, default=2000, help="checkpoint interval in steps")
     # iMF's own flags
-    p.add_argument("--boundary-frac", type=fraction, default=0.5,
+    p.add_argument("--boundary-frac", type=fraction, default=0.7,
                    help="fraction of the batch with r = t (plain flow matching on u(z, t, t))")
-    p.add_argument("--corner-frac", type=fraction, default=0.1,
-                   help="fraction of the batch at (r, t) = (0, 1), the interval 1-NFE sampling uses")
+    p.add_argument("--r0-frac", type=fraction, default=0.2,
+                   help="fraction with r = 0, t ~ U(0, 1]: the slice whose corner (0, 1) 1-NFE sampling uses")
+    p.add_argument("--benchmark", type=int, default=0, metavar="N",
+                   help="time N training steps of iMF and of plain flow matching (same network and batch), "
+                        "print the ratio and exit")
     args = p.parse_args(argv)
-    if args.boundary_frac + args.corner_frac > 1:
-        p.error("--boundary-frac + --corner-frac must be at most 1")
+    if args.boundary_frac + args.r0_frac > 1:
+        p.error("--boundary-frac + --r0-frac must be at most 1")
     args.out = args.out or os.path.join("outputs", SCRIPT)
     return args
 
@@ -91,7 +97,7 @@ def get_args(argv=None):
 def run_config(args):
     """The settings a checkpoint must share with this run to be resumed."""
     return {"script": SCRIPT, "data": args.data, "hidden": args.hidden, "depth": args.depth,
-            "channels": args.channels, "boundary_frac": args.boundary_frac, "corner_frac": args.corner_frac}
+            "channels": args.channels, "boundary_frac": args.boundary_frac, "r0_frac": args.r0_frac}
 
 
 # --- data ---
@@ -148,7 +154,7 @@ class Data:
         self.rng = np.random.default_rng(seed)
         if name in TOY_DATA:
             self.shape = (2,)
-            self.pool = torch.tensor(toy_points(name, 2**17, self.rng), dtype=torch.float32)
+            self.pool = torch.tensor(toy_points(name, 2**16, self.rng), dtype=torch.float32)
             center, scale = TOY_CENTER_SCALE[name]
             self.center, self.scale = torch.tensor(center), torch.tensor(scale)
             self.heldout = toy_points(name, n_eval, np.random.default_rng(seed + 1000)).astype(np.float32)
@@ -181,9 +187,10 @@ class Data:
 
 # --- model ---
 class TimeEmbedding(nn.Module):
-    """Sinusoidal embedding of t in [0, 1]; frequencies 1..max_freq rad suit the unit interval."""
+    """Sinusoidal embedding of t in [0, 1] with low frequencies (1..max_freq rad): the iMF loss differentiates
+    the network in t, and high frequencies (up to 30 rad) made 1-NFE samples about 1.3x worse here."""
 
-    def __init__(self, dim=64, max_freq=30.0):
+    def __init__(self, dim=64, max_freq=2.0):
         super().__init__()
         self.register_buffer("freqs", torch.exp(torch.linspace(0.0, math.log(max_freq), dim // 2)))
 
@@ -247,17 +254,15 @@ def make_model(shape, n_times, args):
 
 
 # --- method ---
-def sample_r_t(n, device, boundary_frac, corner_frac):
-    """Times with r <= t, ordered: the first n_b = boundary_frac * n have r = t (flow matching on
-    v = u(z, t, t)), the next corner_frac * n sit at (r, t) = (0, 1), the interval 1-NFE sampling uses,
-    and the rest are two sorted uniform times."""
-    nb, nc = round(n * boundary_frac), round(n * corner_frac)
+def sample_r_t(n, device, boundary_frac, r0_frac):
+    """Times r <= t, in blocks: the first n_b = boundary_frac * n have r = t (flow matching on the boundary
+    v = u(z, t, t)); the next r0_frac * n have r = 0, t ~ U(0, 1): the slice u(z, 0, t) whose corner
+    (r, t) = (0, 1) is the one-step sampler; the rest are the min and max of two uniform times."""
+    nb, n0 = round(n * boundary_frac), round(n * r0_frac)
     a, b = torch.rand(n, device=device), torch.rand(n, device=device)
     r, t = torch.minimum(a, b), torch.maximum(a, b)
     r[:nb] = t[:nb]
-    r[nb:nb + nc], t[nb:nb + nc] = 0.0, 1.0
-    nz = round(n * float(os.environ.get("ZR", "0")))
-    r[nb + nc:nb + nc + nz] = 0.0
+    r[nb:nb + n0], t[nb:nb + n0] = 0.0, 1.0 - a[nb:nb + n0]
     return r, t, nb
 
 
@@ -274,7 +279,7 @@ def meanflow_jvp(model, z, r, t, v):
 
 def imf_loss(model, x, e, args):
     """iMF loss ||u(z_t, r, t) + (t - r) sg(d/dt u) - (e - x)||^2 with v_theta = u(z_t, t, t) as tangent."""
-    r, t, nb = sample_r_t(len(x), x.device, args.boundary_frac, args.corner_frac)
+    r, t, nb = sample_r_t(len(x), x.device, args.boundary_frac, args.r0_frac)
     tb = t.view(-1, *[1] * (x.dim() - 1))
     z = (1 - tb) * x + tb * e                               # z_t = (1 - t) x + t e
     u = model(z, r, t)                                      # u_theta(z_t, r, t), trained
@@ -283,10 +288,6 @@ def imf_loss(model, x, e, args):
         v_theta = model(zj, tj, tj)                         # boundary condition: v(z, t) = u(z, t, t)
         _, dudt = meanflow_jvp(model, zj, rj, tj, v_theta)  # d/dt u along the tangent (v_theta, 0, 1)
     V = torch.cat([u[:nb], u[nb:] + (tj - rj).view(-1, *tb.shape[1:]) * dudt])  # compound V_theta
-    err = ((V - (e - x)) ** 2).flatten(1).sum(1)
-    p = float(os.environ.get("AW", "0"))
-    if p:
-        return (err / (err.detach() + 1e-3) ** p).mean()
     return ((V - (e - x)) ** 2).mean()                      # regress the conditional velocity e - x
 
 
@@ -301,6 +302,16 @@ def sample(model, e, nfe):
 
 
 # --- training ---
+def pick_device(name):
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        sys.exit("error: --device cuda asked for, but CUDA is not available")
+    if name == "mps" and not torch.backends.mps.is_available():
+        sys.exit("error: --device mps asked for, but MPS is not available")
+    return torch.device(name)
+
+
 def save_checkpoint(path, state):
     """Write atomically: a crash mid-write never replaces a good checkpoint with a broken one."""
     tmp = path + ".tmp"
@@ -420,6 +431,7 @@ def save_results(out, samples, data, metrics):
 
 
 def image_grid(x, shape, n=8):
+    n = min(n, int(np.sqrt(len(x))))
     x = x[: n * n].reshape(-1, *shape[1:])
     h, w = x.shape[1:]
     return x.reshape(n, n, h, w).transpose(0, 2, 1, 3).reshape(n * h, n * w)
@@ -464,17 +476,35 @@ def plot_results(path, title, data, samples, metrics, losses, paths=None, paths_
     plt.close(fig)
 
 
-def pick_device(name):
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        sys.exit("error: --device cuda asked for, but CUDA is not available")
-    if name == "mps" and not torch.backends.mps.is_available():
-        sys.exit("error: --device mps asked for, but MPS is not available")
-    return torch.device(name)
-
-
 # --- main ---
+def benchmark(model, data, args):
+    """Per-step cost of iMF over plain flow matching, measured alternately in this process."""
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4, foreach=True)
+
+    def fm_loss(model, x, e):
+        t = torch.rand(len(x), device=x.device)
+        z = (1 - t[:, None]) * x + t[:, None] * e
+        return ((model(z, t, t) - (e - x)) ** 2).mean()
+
+    losses = {"flow matching": fm_loss, "iMF": lambda m, x, e: imf_loss(m, x, e, args)}
+    times = {k: [] for k in losses}
+    for rep in range(5):
+        for name, fn in losses.items():
+            t0 = time.perf_counter()
+            for _ in range(args.benchmark):
+                x = data.draw(args.batch_size)
+                loss = fn(model, x, torch.randn_like(x))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            float(loss)  # wait for the device
+            times[name].append((time.perf_counter() - t0) / args.benchmark * 1000)
+    ms = {k: float(np.median(v)) for k, v in times.items()}
+    print(f"ms per step (median of 5 x {args.benchmark}): " + ", ".join(f"{k} {v:.2f}" for k, v in ms.items())
+          + f"; iMF / flow matching = {ms['iMF'] / ms['flow matching']:.2f}")
+    return ms
+
+
 def main(argv=None):
     args = get_args(argv)
     device = pick_device(args.device)
@@ -482,6 +512,8 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     data = Data(args.data, args.data_dir, args.seed, device, args.n_eval)
     model = make_model(data.shape, 2, args).to(device)          # u_theta(z, r, t)
+    if args.benchmark:
+        return benchmark(model, data, args)
     ckpt_path = os.path.join(args.out, "checkpoint.pt")
     if not args.resume and os.path.exists(ckpt_path):
         print(f"note: starting over; {ckpt_path} will be replaced (use --resume to continue it)")
