@@ -66,7 +66,7 @@ def get_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", default="moons", choices=TOY_DATA + IMAGE_DATA, help="dataset")
     p.add_argument("--data-dir", default="data", help="where MNIST is stored / downloaded")
-    p.add_argument("--steps", type=positive_int, default=3000, help="training steps")
+    p.add_argument("--steps", type=positive_int, default=3600, help="training steps")
     p.add_argument("--batch-size", type=positive_int, default=512, help="batch size")
     p.add_argument("--lr", type=positive_float, default=5e-3, help="Adam learning rate")
     p.add_argument("--ema", type=fraction, default=0.999, help="EMA decay of the weights used for sampling")
@@ -101,7 +101,8 @@ def run_config(args):
 
 
 # --- data ---
-# Toys are drawn fresh each batch and scaled with fixed constants to about zero mean, unit variance.
+# Toys: a pool of 65,536 points generated at start (batches are drawn from it), scaled with fixed
+# constants to about zero mean and unit variance; held-out and floor sets come from other seeds.
 TOY_CENTER_SCALE = {"moons": ([0.5, 0.25], [0.87, 0.5]), "8gaussians": ([0.0, 0.0], [1.5, 1.5]),
                     "checkerboard": ([0.0, 0.0], [1.15, 1.15]), "spirals": ([0.0, 0.0], [1.6, 1.6]),
                     "circles": ([0.0, 0.0], [0.56, 0.56])}
@@ -379,6 +380,7 @@ def train(model, loss_fn, draw, args, config, ckpt_path, device, desc="train"):
                 pending = []
                 if not all(math.isfinite(v) for v in vals):
                     bad = step - len(vals) + next(i for i, v in enumerate(vals) if not math.isfinite(v))
+                    bar.close()
                     sys.exit(f"error: loss became non-finite at step {bad + 1}; try a lower --lr "
                              f"(e.g. --lr {args.lr / 4:g}). Last good checkpoint: {ckpt_path}")
                 losses += vals
@@ -437,8 +439,8 @@ def image_grid(x, shape, n=8):
     return x.reshape(n, n, h, w).transpose(0, 2, 1, 3).reshape(n * h, n * w)
 
 
-def plot_results(path, title, data, samples, metrics, losses, paths=None, paths_title=""):
-    """One figure: real data, each sampler setting, optional 2D paths (noise -> sample), loss curve."""
+def plot_results(path, title, data, samples, metrics, losses, paths=None, paths_title="", path_colors=None):
+    """One figure: real data, each sampler setting, optional 2D paths (source -> sample), loss curve."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -457,9 +459,10 @@ def plot_results(path, title, data, samples, metrics, losses, paths=None, paths_
         ax.set_title(name, fontsize=9)
     if paths is not None:
         ax = axes[len(sets)]
-        for p in paths[:300]:
-            ax.plot(p[:, 0], p[:, 1], color="gray", lw=0.4, alpha=0.5)
-        ax.scatter(paths[:300, 0, 0], paths[:300, 0, 1], s=3, color="C2", label="noise")
+        for i, p in enumerate(paths[:300]):
+            ax.plot(p[:, 0], p[:, 1], color="gray" if path_colors is None else f"C{path_colors[i] % 10}",
+                    lw=0.4, alpha=0.5)
+        ax.scatter(paths[:300, 0, 0], paths[:300, 0, 1], s=3, color="C2", label="source")
         ax.scatter(paths[:300, -1, 0], paths[:300, -1, 1], s=3, color="C1", label="sample")
         ax.legend(fontsize=7, loc="upper right")
         ax.set_title(paths_title, fontsize=9)

@@ -312,3 +312,99 @@ def test_shared_sections_are_byte_identical(name):
     reference = bodies["imf.py"]
     different = [s for s, b in bodies.items() if b != reference]
     assert not different, f"section '{name}' differs from imf.py in {different}"
+
+
+# ---------------------------------------------------------------- fm.py and rectified_flow.py
+import fm  # noqa: E402
+import rectified_flow  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def fm_brief(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("fm") / "out")
+    metrics = fm.main(["--out", out, "--steps", "800", "--n-eval", "400"])
+    return out, metrics
+
+
+def test_fm_loss_goes_down_and_shapes(fm_brief):
+    out, metrics = fm_brief
+    losses = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["losses"]
+    assert np.mean(losses[-100:]) < 0.85 * np.mean(losses[:50])
+    s = np.load(os.path.join(out, "samples.npz"))
+    for key in ("nfe1", "nfe2", "nfe4", "nfe8", "ode", "real"):
+        assert s[key].shape == (400, 2), key
+    assert metrics["ode_nfe"] > 8
+
+
+def test_fm_dopri5_beats_one_euler_step(fm_brief):
+    out, metrics = fm_brief
+    assert metrics["w2_ode"] < 0.5 * metrics["w2_nfe1"], metrics
+    assert metrics["w2_ode"] < metrics["w2_nfe2"]
+
+
+@pytest.mark.parametrize("solver", ["euler", "midpoint", "rk4"])
+def test_fm_fixed_step_solvers_count_evaluations(solver):
+    args = fm.get_args(["--solver", solver, "--ode-steps", "5", "--hidden", "16"])
+    model = fm.make_model((2,), 1, args)
+    x, nfe = fm.ode_generate(model, torch.randn(10, 2), args)
+    assert x.shape == (10, 2) and nfe == 5 * {"euler": 1, "midpoint": 2, "rk4": 4}[solver]
+    # the hand-written Euler sampler and torchdiffeq's euler agree
+    if solver == "euler":
+        e = torch.randn(10, 2)
+        assert torch.allclose(fm.ode_generate(model, e, args)[0], fm.euler_sample(model, e, 5), atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["uniform", "logit-normal", "u-shaped"])
+def test_fm_time_sampling(kind):
+    t = fm.sample_t(20000, "cpu", kind)
+    assert t.min() >= 0 and t.max() <= 1
+    middle = ((t > 0.25) & (t < 0.75)).float().mean().item()
+    # P(1/4 < t < 3/4): uniform 1/2; logit-normal P(|N(0,1)| < log 3) = 0.7275; Beta(1/2, 1/2) 1/3
+    expected = {"uniform": 0.5, "logit-normal": 0.7275, "u-shaped": 1 / 3}[kind]
+    assert abs(middle - expected) < 0.03, (kind, middle)
+
+
+def test_fm_digits_1nfe_shape(tmp_path):
+    metrics = fm.main(["--out", str(tmp_path / "o"), "--data", "digits", "--steps", "30", "--n-eval", "64",
+                       "--channels", "8", "--solver", "rk4", "--ode-steps", "4"])
+    s = np.load(tmp_path / "o" / "samples.npz")
+    assert s["nfe1"].shape == (64, 1, 8, 8) and s["ode"].shape == (64, 1, 8, 8)
+
+
+def test_rf_straightness_and_shapes(tmp_path):
+    metrics = rectified_flow.main(["--out", str(tmp_path / "o"), "--steps", "400", "--n-eval", "300"])
+    assert 0 < metrics["straightness"] < 10 and np.isfinite(metrics["straightness"])
+    assert metrics["transport_cost"] > 0
+    s = np.load(tmp_path / "o" / "samples.npz")
+    assert s["nfe1"].shape == (300, 2) and s["ode"].shape == (300, 2)
+    losses = torch.load(tmp_path / "o" / "checkpoint.pt", weights_only=True)["losses"]
+    assert np.mean(losses[-50:]) < np.mean(losses[:50])
+
+
+def test_rf_straightness_is_zero_for_a_constant_field():
+    """A field that is constant along each path gives straight paths: S = 0, and C = |v|^2."""
+    class Constant(torch.nn.Module):
+        def forward(self, z, t):
+            return torch.full_like(z, 0.5)
+    e = torch.randn(50, 2)
+    x, S, C = rectified_flow.straightness(Constant(), e, 10)
+    assert S < 1e-10 and abs(C - 0.5) < 1e-5 and torch.allclose(x, e - 0.5)
+
+
+def test_rf_transfer_mode_runs(tmp_path):
+    metrics = rectified_flow.main(["--out", str(tmp_path / "o"), "--source", "8gaussians", "--steps", "200",
+                                   "--n-eval", "200"])
+    assert metrics["source"] == "8gaussians" and np.isfinite(metrics["w2_ode"])
+    assert (tmp_path / "o" / "results.png").exists()
+
+
+def test_rf_digits_1nfe_shape(tmp_path):
+    rectified_flow.main(["--out", str(tmp_path / "o"), "--data", "digits", "--steps", "30", "--n-eval", "64",
+                         "--channels", "8", "--ode-steps", "4"])
+    assert np.load(tmp_path / "o" / "samples.npz")["nfe1"].shape == (64, 1, 8, 8)
+
+
+def test_rf_toy_source_needs_toy_data(capsys):
+    with pytest.raises(SystemExit) as err:
+        rectified_flow.get_args(["--source", "moons", "--data", "digits"])
+    assert err.value.code == 2 and "2D toy" in capsys.readouterr().err
