@@ -14,7 +14,7 @@ Time convention (the whole collection): data x at t = 0, noise e at t = 1,
 
 Run:   python imf.py                          # moons, about a minute on a laptop CPU
        python imf.py --data spirals --steps 8000
-       python imf.py --data digits --steps 3000   # 8x8 images, offline
+       python imf.py --data digits --steps 2000 --batch-size 128 --channels 16 --lr 2e-3  # 8x8 images, offline, ~2 min
 Outputs in --out (default outputs/imf/): results.png, samples.npz, metrics.json, checkpoint.pt.
 """
 import argparse
@@ -432,11 +432,16 @@ def save_results(out, samples, data, metrics):
         json.dump(metrics, f, indent=2)
 
 
-def image_grid(x, shape, n=8):
+def image_grid(x, shape, n=8, pad=1):
+    """Up to n x n images side by side, separated by pad grey pixels."""
     n = min(n, int(np.sqrt(len(x))))
-    x = x[: n * n].reshape(-1, *shape[1:])
+    x = x[: n * n].reshape(n * n, *shape[1:])
     h, w = x.shape[1:]
-    return x.reshape(n, n, h, w).transpose(0, 2, 1, 3).reshape(n * h, n * w)
+    grid = np.full((n * (h + pad) - pad, n * (w + pad) - pad), 0.5, dtype=np.float32)
+    for k in range(n * n):
+        i, j = divmod(k, n)
+        grid[i * (h + pad):i * (h + pad) + h, j * (w + pad):j * (w + pad) + w] = x[k]
+    return grid
 
 
 def plot_results(path, title, data, samples, metrics, losses, paths=None, paths_title="", path_colors=None):
