@@ -69,7 +69,8 @@ def get_args(argv=None):
     p.add_argument("--steps", type=positive_int, default=4000, help="training steps")
     p.add_argument("--batch-size", type=positive_int, default=512, help="batch size")
     p.add_argument("--lr", type=positive_float, default=5e-3, help="Adam learning rate")
-    p.add_argument("--ema", type=fraction, default=0.999, help="EMA decay of the weights used for sampling")
+    p.add_argument("--ema", type=fraction, default=0.999, help="EMA decay of the weights used for sampling; capped by "
+                        "(1 + step) / (10 + step), which at 0.999 binds for the first ~9000 steps")
     p.add_argument("--hidden", type=positive_int, default=64, help="width of the 2D residual MLP")
     p.add_argument("--depth", type=positive_int, default=3, help="residual blocks of the 2D MLP")
     p.add_argument("--channels", type=positive_int, default=32, help="base channels of the image U-Net")
