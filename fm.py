@@ -334,9 +334,10 @@ def load_checkpoint(path, config, device):
 def train(model, loss_fn, draw, args, config, ckpt_path, device, desc="train"):
     """Adam with an EMA copy for sampling; checkpoints, NaN guard, Ctrl-C saves. Returns (ema, info)."""
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, foreach=True)
-    warmup = min(200, args.steps // 10 + 1)               # linear warm-up, then cosine decay to lr / 20
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * (
-        0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps))))
+    warmup = min(200, args.steps // 10 + 1)
+
+    def lr_at(s):                                          # linear warm-up, then cosine decay to lr / 20
+        return args.lr * min(1.0, (s + 1) / warmup) * (0.05 + 0.475 * (1 + math.cos(math.pi * s / args.steps)))
     ema = copy.deepcopy(model).requires_grad_(False)
     step, losses = 0, []
     if args.resume and os.path.exists(ckpt_path):
@@ -345,8 +346,6 @@ def train(model, loss_fn, draw, args, config, ckpt_path, device, desc="train"):
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["optimizer"])
         step, losses = ckpt["step"], list(ckpt.get("losses", []))
-        sched.last_epoch = step - 1
-        sched.step()
         print(f"[{desc}] resumed from {ckpt_path} at step {step}")
 
     def state():
@@ -362,8 +361,9 @@ def train(model, loss_fn, draw, args, config, ckpt_path, device, desc="train"):
             loss = loss_fn(model, x, e)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step)
             opt.step()
-            sched.step()
             with torch.no_grad():
                 decay = min(args.ema, (1 + step) / (10 + step))
                 for p_ema, p in zip(ema.parameters(), model.parameters()):

@@ -19,6 +19,7 @@ import imf  # noqa: E402
 SCRIPTS = ["fm.py", "rectified_flow.py", "reflow.py", "imf.py", "imf_reflow.py"]
 SHARED_SECTIONS = ["data", "model", "training", "evaluation"]
 ALL_SECTIONS = ["config", "data", "model", "method", "training", "evaluation", "main"]
+pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.script.*:FutureWarning")  # inside torch.func.jvp
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
