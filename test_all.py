@@ -65,7 +65,7 @@ def test_imf_trained_beats_untrained(brief):
     untrained = imf.make_model(data.shape, 2, args)
     e = torch.randn(500, 2, generator=torch.Generator().manual_seed(5))
     w2_untrained = imf.w2_distance(data.to_data(imf.sample(untrained, e, 1)), data.heldout)
-    assert metrics["w2_nfe1"] < 0.6 * w2_untrained, (metrics["w2_nfe1"], w2_untrained)
+    assert metrics["w2_nfe1"] < 0.5 * w2_untrained, (metrics["w2_nfe1"], w2_untrained)
     # and the trained network, queried with the convention error of the seed text (noise at "t = 0",
     # model(z, r=1, t=0)), gives clearly worse samples than the correct call e - u(e, r=0, t=1)
     ckpt = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
