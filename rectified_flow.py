@@ -397,6 +397,8 @@ def w2_distance(a, b):
     from scipy.optimize import linear_sum_assignment
     a = torch.as_tensor(a, dtype=torch.float64).reshape(len(a), -1)
     b = torch.as_tensor(b, dtype=torch.float64).reshape(len(b), -1)
+    if a.var(0).sum() < b.var(0).sum():  # same optimum; the solver is several times faster with the
+        a, b = b, a                         # wider set as rows when the other is collapsed (a poor 1-step set)
     cost = (torch.cdist(a, b) ** 2).numpy()
     rows, cols = linear_sum_assignment(cost)
     return float(np.sqrt(cost[rows, cols].mean()))
