@@ -583,7 +583,7 @@ def get_pairs(model, args, shape, k, config, device):
     seconds = round(time.perf_counter() - t0, 2)
     save_checkpoint(path, {"x": x, "e": e, "nfe": nfe, "seconds": seconds, "config": config})
     print(f"[pairs{k}] {args.n_pairs} pairs by dopri5 (rtol {args.rtol:g}, atol {args.atol:g}): "
-          f"{nfe} function evaluations, {seconds:.1f} s -> {path}")
+          f"{nfe} function evaluations over {math.ceil(args.n_pairs / 4096)} chunk(s), {seconds:.1f} s -> {path}")
     return x, e, {"reused": False, "ode_nfe": nfe, "seconds": seconds}
 
 

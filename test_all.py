@@ -422,3 +422,234 @@ def test_every_toy_is_normalised_and_runs(name, tmp_path):
     assert np.allclose(data.to_data((raw - data.center) / data.scale), raw.numpy(), atol=1e-5)
     metrics = imf.main(["--out", str(tmp_path / "o"), "--data", name, "--steps", "20", "--n-eval", "100"])
     assert np.isfinite(metrics["w2_nfe1"]) and metrics["w2_floor"] > 0
+
+
+# ---------------------------------------------------------------- reflow.py and imf_reflow.py
+import imf_reflow  # noqa: E402
+import reflow  # noqa: E402
+
+
+def test_all_five_scripts_are_present():
+    assert PRESENT == SCRIPTS  # so that the section-identity tests above cover all five
+
+
+def stage_losses(out, name):
+    return torch.load(os.path.join(out, f"{name}.pt"), weights_only=True, map_location="cpu")["losses"]
+
+
+REFLOW_BRIEF = ["--steps", "400", "--reflow-steps", "300", "--n-eval", "300", "--n-pairs", "2048"]
+
+
+@pytest.fixture(scope="module")
+def reflow_brief(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("reflow") / "out")
+    metrics = reflow.main(["--out", out, *REFLOW_BRIEF, "--distill", "--distill-steps", "150"])
+    return out, metrics
+
+
+def test_reflow_each_stage_loss_goes_down_and_shapes(reflow_brief):
+    out, metrics = reflow_brief
+    # stage 1 keeps the irreducible loss of independent pairs (as fm.py); on the deterministic
+    # coupling the reflow and distillation losses fall towards zero
+    for name, n, drop in (("stage1", 400, 0.85), ("stage2", 300, 0.2), ("distill", 150, 0.2)):
+        losses = stage_losses(out, name)
+        assert len(losses) == n and np.mean(losses[-30:]) < drop * np.mean(losses[:30]), name
+    s = np.load(os.path.join(out, "samples.npz"))
+    for key in ("stage1_nfe1", "stage1_nfe2", "stage1_nfe4", "stage1_ode", "stage2_nfe1", "stage2_ode",
+                "distill_nfe1", "nfe1", "real"):
+        assert s[key].shape == (300, 2) and np.isfinite(s[key]).all(), key
+    assert np.array_equal(s["nfe1"], s["stage2_nfe1"])  # plain keys are the last reflow stage
+    assert os.path.getsize(os.path.join(out, "results.png")) > 10_000
+
+
+def test_reflow_straightens_paths_and_improves_one_step(reflow_brief):
+    out, metrics = reflow_brief
+    s1, s2 = metrics["stages"]["stage1"], metrics["stages"]["stage2"]
+    print("straightness", s1["straightness"], s2["straightness"], "1-NFE", metrics["w2_stage1_nfe1"],
+          metrics["w2_stage2_nfe1"])
+    assert s2["straightness"] < 0.2 * s1["straightness"]
+    assert metrics["w2_stage2_nfe1"] < 0.5 * metrics["w2_stage1_nfe1"]
+    # reflow keeps the marginals: the 2-RF ODE is about as good as the 1-RF ODE that made its pairs
+    assert metrics["w2_stage2_ode"] < 1.5 * metrics["w2_stage1_ode"]
+
+
+def test_reflow_pairs_are_the_stage1_ode(reflow_brief):
+    """pairs1.pt holds x_hat = ODE_1(e) for its own e (not shuffled, not another model's)."""
+    out, _ = reflow_brief
+    args = reflow.get_args(REFLOW_BRIEF)
+    pairs = torch.load(os.path.join(out, "pairs1.pt"), weights_only=True)
+    assert pairs["x"].shape == pairs["e"].shape == (2048, 2)
+    model = reflow.make_model((2,), 1, args)
+    model.load_state_dict(torch.load(os.path.join(out, "stage1.pt"), weights_only=True)["ema"])
+    path, nfe = reflow.ode_generate(model, pairs["e"][:64], args)
+    assert torch.allclose(path[-1], pairs["x"][:64], atol=1e-3), (path[-1] - pairs["x"][:64]).abs().max()
+    assert not torch.allclose(path[-1], pairs["x"][64:128], atol=1e-1)
+
+
+def test_reflow_reuses_matching_stages_and_recomputes_others(reflow_brief, tmp_path, capsys):
+    """More stage-2 steps: stage 1 and the pairs are reused, stage 2 is retrained. Another stage-1
+    setting: nothing is reused, and the run says why."""
+    src, _ = reflow_brief
+    out = tmp_path / "out"
+    out.mkdir()
+    for f in ("stage1.pt", "pairs1.pt", "stage2.pt"):
+        (out / f).write_bytes(open(os.path.join(src, f), "rb").read())
+    before = (out / "stage1.pt").read_bytes()
+    flags = ["--steps", "400", "--n-eval", "300", "--n-pairs", "2048"]
+    metrics = reflow.main(["--out", str(out), *flags, "--reflow-steps", "320"])
+    text = capsys.readouterr().out
+    assert metrics["stages"]["stage1"]["reused"] and metrics["pairs"]["pairs1"]["reused"]
+    assert not metrics["stages"]["stage2"]["reused"] and len(stage_losses(out, "stage2")) == 320
+    assert "stage2.pt was made with other settings" in text and "320" in text
+    assert (out / "stage1.pt").read_bytes() == before
+    metrics = reflow.main(["--out", str(out), "--steps", "30", "--reflow-steps", "20", "--n-eval", "100",
+                           "--n-pairs", "256"])
+    text = capsys.readouterr().out
+    assert not metrics["stages"]["stage1"]["reused"] and not metrics["pairs"]["pairs1"]["reused"]
+    assert "stage1.pt was made with other settings (steps=400 there but 30 here)" in text
+    assert torch.load(out / "stage1.pt", weights_only=True)["config"]["steps"] == 30
+    assert torch.load(out / "pairs1.pt", weights_only=True)["x"].shape == (256, 2)
+
+
+def test_reflow_corrupt_pairs_file_is_a_clear_error(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "pairs1.pt").write_bytes(b"\x80\x02 not a pairs file")
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "reflow.py"), "--out", str(out), "--steps", "20",
+                           "--reflow-steps", "10", "--n-eval", "50", "--n-pairs", "128"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: cannot read pairs file") and "pairs1.pt" in last, proc.stderr
+
+
+def test_reflow_pairs_file_of_wrong_shape_is_a_clear_error(tmp_path):
+    args = reflow.get_args(["--out", str(tmp_path), "--n-pairs", "16"])
+    config = reflow.stage_configs(args)["pairs1"]
+    reflow.save_checkpoint(str(tmp_path / "pairs1.pt"), {"x": torch.zeros(8, 2), "e": torch.zeros(8, 2),
+                                                         "config": config})
+    with pytest.raises(SystemExit) as err:
+        reflow.get_pairs(None, args, (2,), 1, config, torch.device("cpu"))
+    assert "does not hold 16 finite pairs" in str(err.value.code)
+
+
+def test_reflow_distill_loss_queries_only_the_noise_at_t1():
+    calls = []
+
+    class Spy(torch.nn.Module):
+        def forward(self, z, t):
+            calls.append((z.clone(), t.clone()))
+            return torch.zeros_like(z)
+
+    x, e = torch.randn(9, 2), torch.randn(9, 2)
+    loss = reflow.distill_loss(Spy(), x, e)
+    (z, t), = calls
+    assert torch.equal(z, e) and torch.all(t == 1) and torch.allclose(loss, ((e - x) ** 2).mean())
+
+
+def test_reflow_t1_fraction_and_straightness_of_a_constant_field():
+    seen = []
+
+    class Constant(torch.nn.Module):
+        def forward(self, z, t):
+            seen.append(t.clone())
+            return torch.full_like(z, 0.5)
+
+    reflow.rf_loss(Constant(), torch.randn(100, 2), torch.randn(100, 2), t1_frac=0.3)
+    assert (seen[0] == 1).sum() == 30
+    args = reflow.get_args([])
+    e = torch.randn(50, 2)
+    path, nfe = reflow.ode_generate(Constant(), e, args, n_grid=10)
+    S, C = reflow.straightness(Constant(), path)
+    assert path.shape == (11, 50, 2) and torch.allclose(path[-1], e - 0.5, atol=1e-5)
+    assert S < 1e-8 and abs(C - 0.5) < 1e-4
+
+
+def test_reflow_ctrl_c_in_stage2_saves_and_exits(tmp_path, monkeypatch):
+    real, calls = reflow.rf_loss, []
+
+    def interrupted(*a, **k):
+        calls.append(1)
+        if len(calls) == 60 + 25:                               # 25 steps into stage 2
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(reflow, "rf_loss", interrupted)
+    with pytest.raises(SystemExit) as err:
+        reflow.main(["--out", str(tmp_path / "o"), "--steps", "60", "--reflow-steps", "500", "--n-eval", "100",
+                     "--n-pairs", "256"])
+    assert err.value.code == 130
+    assert torch.load(tmp_path / "o" / "stage2.pt", weights_only=True)["step"] == 24
+    assert (tmp_path / "o" / "results.png").exists() and (tmp_path / "o" / "samples.npz").exists()
+
+
+@pytest.mark.parametrize("script", [reflow, imf_reflow], ids=["reflow", "imf_reflow"])
+def test_two_stage_digits_1nfe_shape(script, tmp_path):
+    script.main(["--out", str(tmp_path / "o"), "--data", "digits", "--steps", "20", "--reflow-steps", "20",
+                 "--n-eval", "64", "--n-pairs", "64", "--channels", "8", "--batch-size", "32"])
+    s = np.load(tmp_path / "o" / "samples.npz")
+    for key in ("stage1_nfe1", "stage2_nfe1", "nfe1"):
+        assert s[key].shape == (64, 1, 8, 8) and s[key].min() >= 0 and s[key].max() <= 1, key
+    assert torch.load(tmp_path / "o" / "pairs1.pt", weights_only=True)["x"].shape == (64, 1, 8, 8)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("script", [reflow, imf_reflow], ids=["reflow", "imf_reflow"])
+def test_two_stage_brief_run_each_device(script, device, tmp_path):
+    out = str(tmp_path / "o")
+    script.main(["--out", out, "--steps", "150", "--reflow-steps", "100", "--n-eval", "200", "--n-pairs", "512",
+                 "--device", device])
+    for name in ("stage1", "stage2"):
+        losses = stage_losses(out, name)
+        assert np.mean(losses[-20:]) < np.mean(losses[:20]), name
+    assert np.load(os.path.join(out, "samples.npz"))["stage2_nfe1"].shape == (200, 2)
+
+
+@pytest.fixture(scope="module", params=["fm", "imf"])
+def imf_reflow_brief(tmp_path_factory, request):
+    out = str(tmp_path_factory.mktemp("imf_reflow") / "out")
+    metrics = imf_reflow.main(["--out", out, "--teacher", request.param, "--steps", "500", "--reflow-steps", "400",
+                               "--n-eval", "300", "--n-pairs", "2048"])
+    return out, metrics, request.param
+
+
+def test_imf_reflow_each_stage_loss_goes_down_and_shapes(imf_reflow_brief):
+    out, metrics, teacher = imf_reflow_brief
+    for name in ("stage1", "stage2"):
+        losses = stage_losses(out, name)
+        assert np.mean(losses[-30:]) < 0.85 * np.mean(losses[:30]), (teacher, name)
+    s = np.load(os.path.join(out, "samples.npz"))
+    for key in ("stage1_nfe1", "stage1_nfe2", "stage1_ode", "stage2_nfe1", "stage2_nfe2", "nfe1", "nfe2"):
+        assert s[key].shape == (300, 2) and np.isfinite(s[key]).all(), key
+    assert torch.load(os.path.join(out, "stage1.pt"), weights_only=True)["config"]["teacher"] == teacher
+
+
+def test_imf_reflow_stage2_one_step_is_near_the_teacher_ode(imf_reflow_brief):
+    """Stage 2's one step lands near the quality of the stage-1 ODE that made its pairs, far better
+    than one Euler step of a flow-matching teacher. (That it beats an iMF teacher's own one step shows
+    only in longer runs: see the README.)"""
+    out, m, teacher = imf_reflow_brief
+    print(teacher, "1-NFE stage 1", m["w2_stage1_nfe1"], "stage 2", m["w2_stage2_nfe1"], "ODE", m["w2_stage1_ode"])
+    assert m["w2_stage2_nfe1"] < 1.6 * m["w2_stage1_ode"]
+    if teacher == "fm":
+        assert m["w2_stage2_nfe1"] < 0.5 * m["w2_stage1_nfe1"]
+
+
+def test_imf_reflow_stage2_uses_the_pairs(tmp_path, monkeypatch):
+    """Stage 2 trains iMF on (x_hat, e) from pairs1.pt, not on fresh data and noise."""
+    seen = []
+    real = imf_reflow.imf_loss
+
+    def spy(model, x, e, args):
+        seen.append((x.clone(), e.clone()))
+        return real(model, x, e, args)
+
+    monkeypatch.setattr(imf_reflow, "imf_loss", spy)
+    out = tmp_path / "o"
+    imf_reflow.main(["--out", str(out), "--steps", "20", "--reflow-steps", "5", "--n-eval", "50",
+                     "--n-pairs", "256"])
+    pairs = torch.load(out / "pairs1.pt", weights_only=True)
+    assert len(seen) == 5                                       # the fm teacher does not use imf_loss
+    for x, e in seen:
+        match = torch.cdist(e, pairs["e"], compute_mode="donot_use_mm_for_euclid_dist").argmin(1)
+        assert torch.allclose(pairs["e"][match], e) and torch.allclose(pairs["x"][match], x)
