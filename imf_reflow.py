@@ -597,14 +597,14 @@ def get_pairs(model, args, shape, k, config, device):
             sys.exit(f"error: pairs file {path} does not hold {args.n_pairs} finite pairs of shape {shape}; "
                      "delete it or choose another --out")
         print(f"[pairs{k}] reused {path} ({args.n_pairs} pairs)")
-        return x, e, {"reused": True, "ode_nfe": stored.get("nfe"), "seconds": stored.get("seconds")}
+        return x, e, {"reused": True, "ode_nfe": stored.get("nfe"), "train_seconds": stored.get("seconds")}
     t0 = time.perf_counter()
     x, e, nfe = make_pairs(model, args, shape, k, device)
     seconds = round(time.perf_counter() - t0, 2)
     save_checkpoint(path, {"x": x, "e": e, "nfe": nfe, "seconds": seconds, "config": config})
     print(f"[pairs{k}] {args.n_pairs} pairs by dopri5 (rtol {args.rtol:g}, atol {args.atol:g}): "
           f"{nfe} function evaluations over {math.ceil(args.n_pairs / 4096)} chunk(s), {seconds:.1f} s -> {path}")
-    return x, e, {"reused": False, "ode_nfe": nfe, "seconds": seconds}
+    return x, e, {"reused": False, "ode_nfe": nfe, "train_seconds": seconds}
 
 
 def plot_stages(path, title, data, samples, metrics, stage_info, paths, colors, teacher):
@@ -713,7 +713,7 @@ def main(argv=None):
           + f"z_r = z_t - (t - r) u otherwise) and of the stage-1 dopri5 ODE ({infos['stage1']['ode_nfe']} NFE) "
           "that made the pairs; EMA weights:")
     metrics = report(samples, data)
-    took = sum(info["train_seconds"] for info in infos.values()) + sum(p["seconds"] for p in pair_infos.values())
+    took = sum(i["train_seconds"] for i in [*infos.values(), *pair_infos.values()] if not i["reused"])
     print(f"training + pairs: {took:.1f} s in this run" + (" (some stages reused)" if any(
         i["reused"] for i in [*infos.values(), *pair_infos.values()]) else ""))
     metrics["stages"] = {name: {k: v for k, v in info.items() if k != "losses"} for name, info in infos.items()}
