@@ -653,3 +653,16 @@ def test_imf_reflow_stage2_uses_the_pairs(tmp_path, monkeypatch):
     for x, e in seen:
         match = torch.cdist(e, pairs["e"], compute_mode="donot_use_mm_for_euclid_dist").argmin(1)
         assert torch.allclose(pairs["e"][match], e) and torch.allclose(pairs["x"][match], x)
+
+
+def test_reflow_k_stages_chain_their_configs(tmp_path):
+    """--reflows 2: stage 3 trains on pairs of stage 2, and its file records the settings of every stage before."""
+    out = tmp_path / "o"
+    metrics = reflow.main(["--out", str(out), "--reflows", "2", "--steps", "40", "--reflow-steps", "30",
+                           "--n-eval", "100", "--n-pairs", "256"])
+    assert set(metrics["stages"]) == {"stage1", "stage2", "stage3"} and set(metrics["pairs"]) == {"pairs1", "pairs2"}
+    cfg = torch.load(out / "stage3.pt", weights_only=True)["config"]
+    assert cfg["steps"] == 40 and {"pairs1", "stage2", "pairs2", "stage3"} <= set(cfg)
+    assert np.load(out / "samples.npz")["nfe1"].shape == (100, 2)
+    with pytest.raises(SystemExit):
+        reflow.get_args(["--distill", "--reflows", "0"])
