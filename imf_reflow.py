@@ -17,7 +17,8 @@ Time convention (the whole collection): data x at t = 0, noise e at t = 1,
 Run:   python imf_reflow.py                   # moons, about 1.5 minutes on a laptop CPU
        python imf_reflow.py --teacher imf     # iMF teacher, as in the notes (see the README for both)
        python imf_reflow.py --reflow-steps 4000  # reuses stage 1 and its pairs from the first run
-       python imf_reflow.py --data digits --steps 2000 --reflow-steps 1000 --batch-size 128 --channels 16 --lr 2e-3
+       python imf_reflow.py --data digits --steps 2000 --reflow-steps 1000 --batch-size 128 --channels 16 \
+           --lr 2e-3   # 8x8 images, offline, ~5.5 min (half of it simulating the pairs)
 Outputs in --out (default outputs/imf_reflow/): results.png, samples.npz, metrics.json, stage1.pt, pairs1.pt,
 stage2.pt (stage files and pairs are reused by a later run whose settings match).
 """
