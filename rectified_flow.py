@@ -13,7 +13,8 @@ Method (Liu et al., "Flow Straight and Fast: Learning to Generate and Transfer D
 
 Time convention (the whole collection): data x at t = 0, noise e at t = 1,
   z_t = (1 - t) * x + t * e,  v = dz_t/dt = e - x,  sampling runs from t = 1 down to t = 0.
-  (The Rectified Flow paper puts the source at t = 0: map its t to 1 - t; its X1 - X0 is our z_1 - z_0.)
+  (The Rectified Flow paper puts the source at t = 0: map its t to 1 - t; its X1 - X0, target minus source,
+  is our z_0 - z_1, and its velocity is minus ours.)
 
 Run:   python rectified_flow.py                                 # gaussian -> moons, about a minute on a CPU
        python rectified_flow.py --source 8gaussians --data moons  # distribution-to-distribution transfer

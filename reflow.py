@@ -6,7 +6,8 @@ Method (Liu et al., "Flow Straight and Fast: Learning to Generate and Transfer D
   coupling: draw noise e, integrate dz/dt = v_theta(z, t) from t = 1 to 0 with torchdiffeq dopri5
       (rtol = atol = 1e-5 as in the reflow-on-MNIST notes) to get x_hat = ODE(e); store the pairs (x_hat, e)
   stage k + 1 (reflow): the same loss on straight lines between the pairs, x = x_hat:
-      ||v(z_t, t) - (e - x_hat)||^2,  z_t = (1 - t) x_hat + t e;  initialised from stage k (--from-scratch: not)
+      ||v(z_t, t) - (e - x_hat)||^2,  z_t = (1 - t) x_hat + t e;  initialised from stage k (--from-scratch: not);
+      half of each batch (--t1-frac) at t = 1, where z = e and one Euler step reads v(e, 1), the rest t ~ U(0, 1)
   Each reflow keeps the marginals and never increases the transport cost E||x_hat - e||^2; its paths
   cross less, so straightness S = E int ||(z_1 - z_0) - v(z_t, t)||^2 dt drops and 1-step Euler
   x = e - v(e, 1) approaches the ODE.  --distill instead regresses the one-step map only:
@@ -14,7 +15,8 @@ Method (Liu et al., "Flow Straight and Fast: Learning to Generate and Transfer D
 
 Time convention (the whole collection): data x at t = 0, noise e at t = 1,
   z_t = (1 - t) * x + t * e,  v = dz_t/dt = e - x,  sampling runs from t = 1 down to t = 0.
-  (The Rectified Flow paper puts noise at t = 0: map its t to 1 - t; its X1 - X0 is our z_0 - z_1.)
+  (The Rectified Flow paper puts noise at t = 0: map its t to 1 - t; its X1 - X0, target minus source,
+  is our z_0 - z_1, and its velocity is minus ours.)
 
 Run:   python reflow.py                      # moons: 1-RF, pairs by dopri5, 2-RF; about 1.5 minutes on a 2-core CPU
        python reflow.py --reflow-steps 4000  # reuses stage 1 and its pairs from the first run
@@ -98,7 +100,7 @@ def get_args(argv=None):
     p.add_argument("--atol", type=positive_float, default=1e-5, help="dopri5 absolute tolerance (pairs and 'ode')")
     p.add_argument("--distill", action="store_true",
                    help="also distill the last stage into a one-step model on the same pairs (t = 1 only)")
-    p.add_argument("--distill-steps", type=positive_int, default=None, help="distillation steps (default: --reflow-steps)")
+    p.add_argument("--distill-steps", type=positive_int, default=None, help="distillation steps (%(default)s: as many as --reflow-steps)")
     args = p.parse_args(argv)
     if args.reflows < 0:
         p.error("--reflows must be 0 or more")
