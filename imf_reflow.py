@@ -583,6 +583,8 @@ def train_stage(name, model, loss_fn, draw, args, config, steps, device):
     reuse = stored is not None and (stored["step"] >= steps or args.resume)
     if stored is not None and not reuse:
         print(f"note: {path} stopped at step {stored['step']} of {steps}; starting it over (--resume continues it)")
+    elif reuse and stored["step"] >= steps:
+        print(f"[{name}] {path} was made with these settings: reusing it")
     stage_args = argparse.Namespace(**{**vars(args), "steps": steps, "resume": reuse})
     ema, info = train(model, loss_fn, draw, stage_args, config, path, device, desc=name)
     info["reused"] = stored is not None and stored["step"] >= steps
