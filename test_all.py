@@ -450,8 +450,8 @@ def reflow_brief(tmp_path_factory):
 def test_reflow_each_stage_loss_goes_down_and_shapes(reflow_brief):
     out, metrics = reflow_brief
     # stage 1 keeps the irreducible loss of independent pairs (as fm.py); on the deterministic
-    # coupling the reflow and distillation losses fall towards zero
-    for name, n, drop in (("stage1", 400, 0.85), ("stage2", 300, 0.2), ("distill", 150, 0.2)):
+    # coupling the reflow and distillation losses fall towards zero (measured 0.75, 0.008, 0.005)
+    for name, n, drop in (("stage1", 400, 0.85), ("stage2", 300, 0.03), ("distill", 150, 0.03)):
         losses = stage_losses(out, name)
         assert len(losses) == n and np.mean(losses[-30:]) < drop * np.mean(losses[:30]), name
     s = np.load(os.path.join(out, "samples.npz"))
@@ -467,10 +467,10 @@ def test_reflow_straightens_paths_and_improves_one_step(reflow_brief):
     s1, s2 = metrics["stages"]["stage1"], metrics["stages"]["stage2"]
     print("straightness", s1["straightness"], s2["straightness"], "1-NFE", metrics["w2_stage1_nfe1"],
           metrics["w2_stage2_nfe1"])
-    assert s2["straightness"] < 0.2 * s1["straightness"]
-    assert metrics["w2_stage2_nfe1"] < 0.5 * metrics["w2_stage1_nfe1"]
+    assert s2["straightness"] < 0.02 * s1["straightness"]                  # measured 0.003
+    assert metrics["w2_stage2_nfe1"] < 0.3 * metrics["w2_stage1_nfe1"]     # measured 0.18
     # reflow keeps the marginals: the 2-RF ODE is about as good as the 1-RF ODE that made its pairs
-    assert metrics["w2_stage2_ode"] < 1.5 * metrics["w2_stage1_ode"]
+    assert metrics["w2_stage2_ode"] < 1.2 * metrics["w2_stage1_ode"]       # measured 1.01
 
 
 def test_reflow_pairs_are_the_stage1_ode(reflow_brief):
@@ -482,7 +482,7 @@ def test_reflow_pairs_are_the_stage1_ode(reflow_brief):
     model = reflow.make_model((2,), 1, args)
     model.load_state_dict(torch.load(os.path.join(out, "stage1.pt"), weights_only=True)["ema"])
     path, nfe = reflow.ode_generate(model, pairs["e"][:64], args)
-    assert torch.allclose(path[-1], pairs["x"][:64], atol=1e-3), (path[-1] - pairs["x"][:64]).abs().max()
+    assert torch.allclose(path[-1], pairs["x"][:64], atol=5e-4), (path[-1] - pairs["x"][:64]).abs().max()  # 6e-5
     assert not torch.allclose(path[-1], pairs["x"][64:128], atol=1e-1)
 
 
@@ -599,9 +599,9 @@ def test_two_stage_brief_run_each_device(script, device, tmp_path):
     out = str(tmp_path / "o")
     script.main(["--out", out, "--steps", "150", "--reflow-steps", "100", "--n-eval", "200", "--n-pairs", "512",
                  "--device", device])
-    for name in ("stage1", "stage2"):
+    for name, drop in (("stage1", 0.9), ("stage2", 0.1)):                 # measured 0.76-0.80, 0.02-0.04
         losses = stage_losses(out, name)
-        assert np.mean(losses[-20:]) < np.mean(losses[:20]), name
+        assert np.mean(losses[-20:]) < drop * np.mean(losses[:20]), name
     assert np.load(os.path.join(out, "samples.npz"))["stage2_nfe1"].shape == (200, 2)
 
 
@@ -615,9 +615,9 @@ def imf_reflow_brief(tmp_path_factory, request):
 
 def test_imf_reflow_each_stage_loss_goes_down_and_shapes(imf_reflow_brief):
     out, metrics, teacher = imf_reflow_brief
-    for name in ("stage1", "stage2"):
+    for name, drop in (("stage1", 0.85), ("stage2", 0.05)):                # measured 0.78, 0.006-0.014
         losses = stage_losses(out, name)
-        assert np.mean(losses[-30:]) < 0.85 * np.mean(losses[:30]), (teacher, name)
+        assert np.mean(losses[-30:]) < drop * np.mean(losses[:30]), (teacher, name)
     s = np.load(os.path.join(out, "samples.npz"))
     for key in ("stage1_nfe1", "stage1_nfe2", "stage1_ode", "stage2_nfe1", "stage2_nfe2", "nfe1", "nfe2"):
         assert s[key].shape == (300, 2) and np.isfinite(s[key]).all(), key
@@ -630,9 +630,9 @@ def test_imf_reflow_stage2_one_step_is_near_the_teacher_ode(imf_reflow_brief):
     only in longer runs: see the README.)"""
     out, m, teacher = imf_reflow_brief
     print(teacher, "1-NFE stage 1", m["w2_stage1_nfe1"], "stage 2", m["w2_stage2_nfe1"], "ODE", m["w2_stage1_ode"])
-    assert m["w2_stage2_nfe1"] < 1.6 * m["w2_stage1_ode"]
+    assert m["w2_stage2_nfe1"] < 1.25 * m["w2_stage1_ode"]                 # measured 1.07 (fm), 0.99 (imf)
     if teacher == "fm":
-        assert m["w2_stage2_nfe1"] < 0.5 * m["w2_stage1_nfe1"]
+        assert m["w2_stage2_nfe1"] < 0.3 * m["w2_stage1_nfe1"]             # measured 0.16
 
 
 def test_imf_reflow_stage2_uses_the_pairs(tmp_path, monkeypatch):
