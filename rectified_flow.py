@@ -18,7 +18,7 @@ Time convention (the whole collection): data x at t = 0, noise e at t = 1,
 
 Run:   python rectified_flow.py                                 # gaussian -> moons, about a minute on a CPU
        python rectified_flow.py --source 8gaussians --data moons  # distribution-to-distribution transfer
-       python rectified_flow.py --data digits --steps 2000 --batch-size 128 --channels 16 --lr 2e-3  # 8x8 images, offline, ~2 min
+       python rectified_flow.py --data digits --steps 2000 --batch-size 128 --channels 16 --lr 2e-3  # 8x8, ~2 min
 Outputs in --out (default outputs/rectified_flow/): results.png, samples.npz, metrics.json, checkpoint.pt.
 """
 import argparse
@@ -312,8 +312,8 @@ def train(model, loss_fn, draw, steps, lr, ckpt_path, config, device, resume=Fal
         if "rng" in ckpt:
             set_rng_state(ckpt["rng"], rngs)
         if step < steps:
-            print(f"[{desc}] resumed from {ckpt_path} at step {step}" + (
-                f"; its learning-rate schedule ends at step {schedule}, later steps use lr / 20" if schedule < steps else ""))
+            print(f"[{desc}] resumed from {ckpt_path} at step {step}" + (f"; its learning-rate schedule ends at "
+                  f"step {schedule}, later steps use lr / 20" if schedule < steps else ""))
 
     def state(rng_snapshot):
         return {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
@@ -448,7 +448,7 @@ def plot_panels(path, title, data, rows):
                     ax.plot(steps[49:], np.convolve(curve, np.ones(50) / 50, "valid"), color=f"C{j}", label=name)
                 start += len(curve)
             ax.set_yscale("log") if start else None
-            ax.set_xlabel("step"), ax.legend(fontsize=7) if start >= 50 else None
+            ax.set_xlabel("step"), ax.legend(fontsize=7) if ax.get_legend_handles_labels()[0] else None
         else:
             ax.axis("off")
             ax.text(0.5, 0.5, panel[1], ha="center", va="center", fontsize=9) if kind == "text" else None

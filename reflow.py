@@ -399,8 +399,8 @@ def train(model, loss_fn, draw, steps, lr, ckpt_path, config, device, resume=Fal
         if "rng" in ckpt:
             set_rng_state(ckpt["rng"], rngs)
         if step < steps:
-            print(f"[{desc}] resumed from {ckpt_path} at step {step}" + (
-                f"; its learning-rate schedule ends at step {schedule}, later steps use lr / 20" if schedule < steps else ""))
+            print(f"[{desc}] resumed from {ckpt_path} at step {step}" + (f"; its learning-rate schedule ends at "
+                  f"step {schedule}, later steps use lr / 20" if schedule < steps else ""))
 
     def state(rng_snapshot):
         return {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
@@ -535,7 +535,7 @@ def plot_panels(path, title, data, rows):
                     ax.plot(steps[49:], np.convolve(curve, np.ones(50) / 50, "valid"), color=f"C{j}", label=name)
                 start += len(curve)
             ax.set_yscale("log") if start else None
-            ax.set_xlabel("step"), ax.legend(fontsize=7) if start >= 50 else None
+            ax.set_xlabel("step"), ax.legend(fontsize=7) if ax.get_legend_handles_labels()[0] else None
         else:
             ax.axis("off")
             ax.text(0.5, 0.5, panel[1], ha="center", va="center", fontsize=9) if kind == "text" else None
@@ -596,7 +596,8 @@ def get_args(argv=None):
     p.add_argument("--seed", type=nonnegative_int, default=0, help="random seed")
     p.add_argument("--out", default=None, help=f"output folder (default outputs/{SCRIPT})")
     p.add_argument("--resume", action="store_true", help="continue an interrupted stage from its file in --out "
-                        "(finished stages and pairs made with these settings from the same files are reused without it)")
+                        "(finished stages and pairs made with these settings from the same files are reused "
+                        "without it)")
     p.add_argument("--n-eval", type=positive_int, default=2000, help="samples for the W2 metric")
     p.add_argument("--ckpt-every", type=positive_int, default=2000, help="checkpoint interval in steps")
     p.add_argument("--reflow-steps", type=positive_int, default=2500, help="training steps of each later stage")
@@ -694,7 +695,8 @@ def stage_files(args, new_model, shape, device):
                 raise RunError(f"pairs file {path} does not hold {args.n_pairs} finite pairs of shape {shape}; "
                                "delete it or choose another --out")
             print(f"[pairs{k}] reused {path} ({args.n_pairs} pairs)")
-            pair_infos[f"pairs{k}"] = {"reused": True, "ode_nfe": stored.get("nfe"), "train_seconds": stored.get("seconds")}
+            pair_infos[f"pairs{k}"] = {"reused": True, "ode_nfe": stored.get("nfe"),
+                                       "train_seconds": stored.get("seconds")}
         else:
             t0 = time.perf_counter()
             x, e, nfe = make_pairs(model, args.n_pairs, shape, args.seed + 4000 + k, args.rtol, args.atol)
@@ -759,16 +761,20 @@ def run(args, argv):
     last = [n for n in stages if n != "distill"][-1]            # plain keys: the last flow stage
     save_results(args.out, {**samples, **{k[len(last) + 1:]: v for k, v in samples.items()
                                           if k.startswith(last + "_")}}, data, metrics)
-    top, bottom = [("real", "real (held-out)")], [("losses", {n: i["losses"] for n, i in infos.items()}, "training loss")]
+    top = [("real", "real (held-out)")]
+    bottom = [("losses", {n: i["losses"] for n, i in infos.items()}, "training loss")]
     colors = angle_colors(e[:300].cpu().numpy()) if data.shape == (2,) else None  # by the noise point's angle
     for name in stages:
-        bottom.append(("samples", samples[f"{name}_nfe1"], f"{name}: 1-NFE, W2 {metrics[f'w2_ratio_{name}_nfe1']:.2f}x floor"))
+        ratio = metrics[f"w2_ratio_{name}_nfe1"]
+        bottom.append(("samples", samples[f"{name}_nfe1"], f"{name}: 1-NFE, W2 {ratio:.2f}x floor"))
         if name == "distill":
             top.append(("text", "one-step distillation:\ntrained at t = 1 only,\nno ODE of its own"))
         elif data.shape == (2,):
-            top.append(("paths", paths[name], f"{name}: ODE paths, straightness {infos[name]['straightness']:.4f}", colors))
+            straight = infos[name]["straightness"]
+            top.append(("paths", paths[name], f"{name}: ODE paths, straightness {straight:.4f}", colors))
         else:
-            top.append(("samples", samples[f"{name}_ode"], f"{name}: dopri5 ODE, W2 {metrics[f'w2_ratio_{name}_ode']:.2f}x"))
+            ratio = metrics[f"w2_ratio_{name}_ode"]
+            top.append(("samples", samples[f"{name}_ode"], f"{name}: dopri5 ODE, W2 {ratio:.2f}x floor"))
     plot_panels(os.path.join(args.out, "results.png"), f"{TITLE} on {args.data}: " + " -> ".join(
         f"{n} ({i['steps']} steps)" for n, i in infos.items()), data, [top, bottom])
     print(f"wrote {args.out}/results.png, samples.npz, metrics.json and the stage files")

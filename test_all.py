@@ -18,7 +18,7 @@ import imf  # noqa: E402
 
 SCRIPTS = ["fm.py", "rectified_flow.py", "reflow.py", "imf.py", "imf_reflow.py"]
 SHARED_SECTIONS = ["data", "model", "training", "evaluation"]
-ALL_SECTIONS = ["config", "data", "model", "method", "training", "evaluation", "main"]
+ALL_SECTIONS = ["method", "model", "data", "training", "evaluation", "config", "main"]
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.script.*:FutureWarning")  # inside torch.func.jvp
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -62,14 +62,14 @@ def test_imf_trained_beats_untrained(brief):
     args = imf.get_args(["--n-eval", "500"])
     data = imf.Data("moons", "data", 0, torch.device("cpu"), 500)
     torch.manual_seed(1)
-    untrained = imf.make_model(data.shape, 2, args)
+    untrained = imf.make_model(data.shape, 2, args.hidden, args.depth)
     e = torch.randn(500, 2, generator=torch.Generator().manual_seed(5))
     w2_untrained = imf.w2_distance(data.to_data(imf.sample(untrained, e, 1)), data.heldout)
     assert metrics["w2_nfe1"] < 0.5 * w2_untrained, (metrics["w2_nfe1"], w2_untrained)
     # and the trained network, queried with the convention error of the seed text (noise at "t = 0",
     # model(z, r=1, t=0)), gives clearly worse samples than the correct call e - u(e, r=0, t=1)
     ckpt = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
-    model = imf.make_model(data.shape, 2, args)
+    model = imf.make_model(data.shape, 2, args.hidden, args.depth)
     model.load_state_dict(ckpt["ema"])
     with torch.no_grad():
         wrong = e - model(e, torch.ones(500), torch.zeros(500))
@@ -108,6 +108,7 @@ def test_imf_sampler_time_convention():
 
 
 def test_imf_time_sampler_covers_boundary_and_corner():
+    torch.manual_seed(0)
     r, t, nb = imf.sample_r_t(1000, "cpu", 0.7, 0.2)
     assert nb == 700 and torch.all(r <= t) and torch.all(r[:nb] == t[:nb])
     assert torch.all(r[700:900] == 0) and torch.all(t[700:900] > 0)
@@ -137,7 +138,7 @@ def test_meanflow_jvp_matches_finite_difference():
     """d/dt u(z_t, r, t) along dz/dt = v equals a central difference of u(z + h v, r, t + h)."""
     torch.manual_seed(0)
     args = imf.get_args(["--hidden", "32", "--depth", "2"])
-    model = imf.make_model((2,), 2, args).double()
+    model = imf.make_model((2,), 2, args.hidden, args.depth).double()
     z, v = torch.randn(16, 2, dtype=torch.float64), torch.randn(16, 2, dtype=torch.float64)
     t = torch.rand(16, dtype=torch.float64) * 0.8 + 0.1
     r = t * torch.rand(16, dtype=torch.float64)
@@ -157,10 +158,10 @@ def test_imf_loss_is_flow_matching_on_the_boundary():
     """With r = t everywhere the compound prediction is u(z, t, t): the loss is plain flow matching."""
     torch.manual_seed(0)
     args = imf.get_args(["--boundary-frac", "1", "--r0-frac", "0", "--hidden", "32"])
-    model = imf.make_model((2,), 2, args)
+    model = imf.make_model((2,), 2, args.hidden)
     x, e = torch.randn(64, 2), torch.randn(64, 2)
     torch.manual_seed(1)
-    loss = imf.imf_loss(model, x, e, args)
+    loss = imf.imf_loss(model, x, e, 1.0, 0.0)
     torch.manual_seed(1)
     r, t, _ = imf.sample_r_t(64, "cpu", 1.0, 0.0)
     z = (1 - t[:, None]) * x + t[:, None] * e
@@ -185,7 +186,7 @@ def test_mnist_loader_reads_idx_files(tmp_path):
     write_idx(raw / "train-labels-idx1-ubyte", rng.integers(0, 10, 40))
     write_idx(raw / "t10k-images-idx3-ubyte", test_x)
     write_idx(raw / "t10k-labels-idx1-ubyte", rng.integers(0, 10, 12))
-    train, heldout = imf.load_images("mnist", str(tmp_path), 0)
+    train, heldout = imf.load_images("mnist", str(tmp_path))
     assert train.shape == (40, 1, 28, 28) and heldout.shape == (12, 1, 28, 28)
     assert torch.allclose(train[3, 0], torch.tensor(train_x[3], dtype=torch.float32) / 255)
     out, metrics = run_imf(tmp_path, "--data", "mnist", "--data-dir", str(tmp_path), "--steps", "4",
@@ -201,9 +202,9 @@ def test_mnist_failure_suggests_digits(tmp_path, monkeypatch):
             raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
 
     monkeypatch.setattr(torchvision.datasets, "MNIST", NoNetwork)
-    with pytest.raises(SystemExit) as err:
-        imf.load_images("mnist", str(tmp_path), 0)
-    msg = str(err.value.code)
+    with pytest.raises(imf.RunError) as err:           # functions raise; main prints one line
+        imf.load_images("mnist", str(tmp_path))
+    msg = str(err.value)
     assert "--data digits" in msg and "\n" not in msg
 
 
@@ -211,7 +212,9 @@ def test_mnist_failure_suggests_digits(tmp_path, monkeypatch):
 @pytest.mark.parametrize("flags, text", [(["--data", "swissroll"], "invalid choice"),
                                          (["--steps", "0"], "positive integer"),
                                          (["--steps", "-5"], "positive integer"),
-                                         (["--lr", "nan"], "positive number")])
+                                         (["--lr", "nan"], "positive number"),
+                                         (["--seed", "-1"], "0 or a positive integer"),
+                                         (["--benchmark", "-1"], "0 or a positive integer")])
 def test_bad_flags_are_argparse_errors(flags, text, capsys):
     with pytest.raises(SystemExit) as err:
         imf.get_args(flags)
@@ -254,9 +257,9 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypat
     good = torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=True)
     real_loss, calls = imf.imf_loss, []
 
-    def exploding(model, x, e, args):
+    def exploding(*a):
         calls.append(1)
-        loss = real_loss(model, x, e, args)
+        loss = real_loss(*a)
         return loss * float("nan") if len(calls) >= 20 else loss
 
     monkeypatch.setattr(imf, "imf_loss", exploding)
@@ -271,11 +274,11 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypat
 def test_ctrl_c_saves_checkpoint_and_figures(tmp_path, monkeypatch):
     real_loss, calls = imf.imf_loss, []
 
-    def interrupted(model, x, e, args):
+    def interrupted(*a):
         calls.append(1)
         if len(calls) == 30:
             raise KeyboardInterrupt
-        return real_loss(model, x, e, args)
+        return real_loss(*a)
 
     monkeypatch.setattr(imf, "imf_loss", interrupted)
     with pytest.raises(SystemExit) as err:
@@ -346,13 +349,14 @@ def test_fm_dopri5_beats_one_euler_step(fm_brief):
 @pytest.mark.parametrize("solver", ["euler", "midpoint", "rk4"])
 def test_fm_fixed_step_solvers_count_evaluations(solver):
     args = fm.get_args(["--solver", solver, "--ode-steps", "5", "--hidden", "16"])
-    model = fm.make_model((2,), 1, args)
-    x, nfe = fm.ode_generate(model, torch.randn(10, 2), args)
+    model = fm.make_model((2,), 1, args.hidden)
+    x, nfe = fm.ode_generate(model, torch.randn(10, 2), args.solver, args.rtol, args.atol, args.ode_steps)
     assert x.shape == (10, 2) and nfe == 5 * {"euler": 1, "midpoint": 2, "rk4": 4}[solver]
     # the hand-written Euler sampler and torchdiffeq's euler agree
     if solver == "euler":
         e = torch.randn(10, 2)
-        assert torch.allclose(fm.ode_generate(model, e, args)[0], fm.euler_sample(model, e, 5), atol=1e-5)
+        x_ode = fm.ode_generate(model, e, args.solver, args.rtol, args.atol, args.ode_steps)[0]
+        assert torch.allclose(x_ode, fm.euler_sample(model, e, 5), atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["uniform", "logit-normal", "u-shaped"])
@@ -479,9 +483,9 @@ def test_reflow_pairs_are_the_stage1_ode(reflow_brief):
     args = reflow.get_args(REFLOW_BRIEF)
     pairs = torch.load(os.path.join(out, "pairs1.pt"), weights_only=True)
     assert pairs["x"].shape == pairs["e"].shape == (2048, 2)
-    model = reflow.make_model((2,), 1, args)
+    model = reflow.make_model((2,), 1, args.hidden, args.depth)
     model.load_state_dict(torch.load(os.path.join(out, "stage1.pt"), weights_only=True)["ema"])
-    path, nfe = reflow.ode_generate(model, pairs["e"][:64], args)
+    path, nfe = reflow.ode_generate(model, pairs["e"][:64], args.rtol, args.atol)
     assert torch.allclose(path[-1], pairs["x"][:64], atol=5e-4), (path[-1] - pairs["x"][:64]).abs().max()  # 6e-5
     assert not torch.allclose(path[-1], pairs["x"][64:128], atol=1e-1)
 
@@ -525,12 +529,15 @@ def test_reflow_corrupt_pairs_file_is_a_clear_error(tmp_path):
 
 def test_reflow_pairs_file_of_wrong_shape_is_a_clear_error(tmp_path):
     args = reflow.get_args(["--out", str(tmp_path), "--n-pairs", "16"])
-    config = reflow.stage_configs(args)["pairs1"]
+    (tmp_path / "stage1.pt").write_bytes(b"a finished stage 1")
+    _, get_pairs, _, _ = reflow.stage_files(args, None, (2,), torch.device("cpu"))
+    config = {**reflow.stage_config(args, "pairs1"),
+              "made_from": f"stage1.pt {reflow.file_sha256(str(tmp_path / 'stage1.pt'))}"}
     reflow.save_checkpoint(str(tmp_path / "pairs1.pt"), {"x": torch.zeros(8, 2), "e": torch.zeros(8, 2),
                                                          "config": config})
-    with pytest.raises(SystemExit) as err:
-        reflow.get_pairs(None, args, (2,), 1, config, torch.device("cpu"))
-    assert "does not hold 16 finite pairs" in str(err.value.code)
+    with pytest.raises(reflow.RunError) as err:
+        get_pairs(1, None)
+    assert "does not hold 16 finite pairs" in str(err.value)
 
 
 def test_reflow_distill_loss_queries_only_the_noise_at_t1():
@@ -559,7 +566,7 @@ def test_reflow_t1_fraction_and_straightness_of_a_constant_field():
     assert (seen[0] == 1).sum() == 30
     args = reflow.get_args([])
     e = torch.randn(50, 2)
-    path, nfe = reflow.ode_generate(Constant(), e, args, n_grid=10)
+    path, nfe = reflow.ode_generate(Constant(), e, n_grid=10)
     S, C = reflow.straightness(Constant(), path)
     assert path.shape == (11, 50, 2) and torch.allclose(path[-1], e - 0.5, atol=1e-5)
     assert S < 1e-8 and abs(C - 0.5) < 1e-4
@@ -640,9 +647,9 @@ def test_imf_reflow_stage2_uses_the_pairs(tmp_path, monkeypatch):
     seen = []
     real = imf_reflow.imf_loss
 
-    def spy(model, x, e, args):
+    def spy(model, x, e, *a):
         seen.append((x.clone(), e.clone()))
-        return real(model, x, e, args)
+        return real(model, x, e, *a)
 
     monkeypatch.setattr(imf_reflow, "imf_loss", spy)
     out = tmp_path / "o"
@@ -661,8 +668,192 @@ def test_reflow_k_stages_chain_their_configs(tmp_path):
     metrics = reflow.main(["--out", str(out), "--reflows", "2", "--steps", "40", "--reflow-steps", "30",
                            "--n-eval", "100", "--n-pairs", "256"])
     assert set(metrics["stages"]) == {"stage1", "stage2", "stage3"} and set(metrics["pairs"]) == {"pairs1", "pairs2"}
-    cfg = torch.load(out / "stage3.pt", weights_only=True)["config"]
-    assert cfg["steps"] == 40 and {"pairs1", "stage2", "pairs2", "stage3"} <= set(cfg)
+    # each file records the sha256 of the file it was made from: stage1 -> pairs1 -> stage2 -> pairs2 -> stage3
+    for name, parent in (("pairs1", "stage1"), ("stage2", "pairs1"), ("pairs2", "stage2"), ("stage3", "pairs2")):
+        cfg = torch.load(out / f"{name}.pt", weights_only=True)["config"]
+        assert cfg["made_from"] == f"{parent}.pt {reflow.file_sha256(str(out / f'{parent}.pt'))}", name
+    assert torch.load(out / "stage1.pt", weights_only=True)["config"]["steps"] == 40
     assert np.load(out / "samples.npz")["nfe1"].shape == (100, 2)
     with pytest.raises(SystemExit):
         reflow.get_args(["--distill", "--reflows", "0"])
+
+
+# ---------------------------------------------------------------- the losses against independent computations
+def test_imf_loss_off_the_boundary_matches_a_finite_difference_target():
+    """On rows with r < t the loss is ||u + (t - r) sg(d/dt u) - (e - x)||^2 with d/dt u the total derivative
+    along dz/dt = u(z, t, t): rebuilt here with a central finite difference, for the value and the gradient."""
+    torch.manual_seed(0)
+    model = imf.make_model((2,), 2, 32, 2).double()
+    x, e = torch.randn(32, 2, dtype=torch.float64), torch.randn(32, 2, dtype=torch.float64)
+    torch.manual_seed(3)
+    loss = imf.imf_loss(model, x, e, boundary_frac=0.0, r0_frac=0.3)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    torch.manual_seed(3)
+    r, t, nb = imf.sample_r_t(32, "cpu", 0.0, 0.3)
+    r, t = r.double(), t.double()
+    assert nb == 0 and (r < t).all()
+    z = (1 - t[:, None]) * x + t[:, None] * e
+    h = 1e-6
+    with torch.no_grad():
+        v = model(z, t, t)
+        dudt = (model(z + h * v, r, t + h) - model(z - h * v, r, t - h)) / (2 * h)
+    ref = ((model(z, r, t) + (t - r)[:, None] * dudt - (e - x)) ** 2).mean()
+    ref_grads = torch.autograd.grad(ref, list(model.parameters()))
+    assert torch.allclose(loss, ref, rtol=1e-6), (loss, ref)
+    for g, g_ref in zip(grads, ref_grads):                     # the JVP term carries no gradient (sg)
+        assert torch.allclose(g, g_ref, rtol=1e-5, atol=1e-8)
+
+
+def test_w2_distance_of_a_shifted_set_is_the_shift():
+    a = np.random.default_rng(0).standard_normal((300, 2))
+    c = np.array([0.3, -0.4])
+    assert abs(imf.w2_distance(a, a + c) - 0.5) < 1e-9
+    assert imf.w2_distance(a, a[::-1].copy()) < 1e-6                  # a permutation is no distance
+
+
+@pytest.mark.parametrize("script", [fm, rectified_flow], ids=["fm", "rectified_flow"])
+def test_fm_and_rf_trained_beat_untrained(script, tmp_path):
+    """The ODE samples of a briefly trained model are far closer to the data than an untrained model's
+    (a sign error in the loss, regressing x - e, fails this)."""
+    metrics = script.main(["--out", str(tmp_path / "o"), "--steps", "400", "--n-eval", "400"])
+    data = script.Data("moons", "data", 0, torch.device("cpu"), 400)
+    torch.manual_seed(1)
+    untrained = script.make_model((2,), 1)
+    e = torch.randn(400, 2, generator=torch.Generator().manual_seed(5))
+    w2_untrained = script.w2_distance(data.to_data(script.euler_sample(untrained, e, 50)), data.heldout)
+    print(script.__name__, "ODE W2 trained", metrics["w2_ode"], "untrained", w2_untrained)
+    assert metrics["w2_ode"] < 0.5 * w2_untrained, (metrics["w2_ode"], w2_untrained)
+
+
+# ---------------------------------------------------------------- resume, checkpoints, stage files
+def test_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypatch):
+    """Ctrl-C at step 60 of 100, then --resume: the same weights, losses and samples as one 100-step run
+    (the checkpoint holds the RNG states and the schedule's length)."""
+    flags = ["--steps", "100", "--n-eval", "100", "--hidden", "32"]
+    full = imf.main(["--out", str(tmp_path / "a"), *flags])
+    real, calls = imf.imf_loss, []
+
+    def interrupted(*a):
+        calls.append(1)
+        if len(calls) == 61:
+            raise KeyboardInterrupt
+        return real(*a)
+
+    monkeypatch.setattr(imf, "imf_loss", interrupted)
+    with pytest.raises(SystemExit):
+        imf.main(["--out", str(tmp_path / "b"), *flags])
+    monkeypatch.setattr(imf, "imf_loss", real)
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["step"] == 60
+    resumed = imf.main(["--out", str(tmp_path / "b"), *flags, "--resume"])
+    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
+    assert a["losses"] == b["losses"]
+    for k in a["ema"]:
+        assert torch.equal(a["ema"][k], b["ema"][k]), k
+    assert resumed["w2_nfe1"] == full["w2_nfe1"]
+
+
+def test_resume_with_more_steps_keeps_the_schedule(tmp_path, monkeypatch):
+    """--resume --steps 90 after a 60-step run goes on at lr / 20 instead of climbing the cosine again."""
+    run_imf(tmp_path, "--steps", "60", "--n-eval", "50", "--hidden", "32", "--lr", "1e-3")
+    seen = []
+    real = imf.lr_at
+    monkeypatch.setattr(imf, "lr_at", lambda step, lr, total: seen.append((step, total)) or real(step, lr, total))
+    run_imf(tmp_path, "--steps", "90", "--n-eval", "50", "--hidden", "32", "--lr", "1e-3", "--resume")
+    assert [s for s, _ in seen] == list(range(60, 90)) and all(total == 60 for _, total in seen)
+    assert all(abs(real(s, 1e-3, 60) - 5e-5) < 1e-12 for s, _ in seen)
+    assert real(30, 1e-3, 60) > 5e-4                             # mid-schedule for comparison
+    assert torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=True)["schedule_steps"] == 60
+
+
+def test_ckpt_every_is_the_real_interval(tmp_path, monkeypatch):
+    saved = []
+    real = imf.save_checkpoint
+    monkeypatch.setattr(imf, "save_checkpoint", lambda path, state: saved.append(state["step"]) or real(path, state))
+    run_imf(tmp_path, "--steps", "100", "--n-eval", "50", "--hidden", "32", "--ckpt-every", "30")
+    assert saved == [30, 60, 90, 100]
+
+
+def test_reflow_resumed_stage2_equals_an_uninterrupted_run(reflow_brief, tmp_path, monkeypatch):
+    """A two-stage run interrupted in stage 2 and continued with --resume reuses stage 1 and the pairs and
+    ends with the stage 2 of an uninterrupted run."""
+    src, _ = reflow_brief
+    out = tmp_path / "out"
+    out.mkdir()
+    for f in ("stage1.pt", "pairs1.pt"):
+        (out / f).write_bytes(open(os.path.join(src, f), "rb").read())
+    real, calls = reflow.rf_loss, []
+
+    def interrupted(*a, **k):
+        calls.append(1)
+        if len(calls) == 100:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(reflow, "rf_loss", interrupted)
+    with pytest.raises(SystemExit) as err:
+        reflow.main(["--out", str(out), *REFLOW_BRIEF])
+    assert err.value.code == 130 and torch.load(out / "stage2.pt", weights_only=True)["step"] == 99
+    monkeypatch.setattr(reflow, "rf_loss", real)
+    metrics = reflow.main(["--out", str(out), *REFLOW_BRIEF, "--resume"])
+    assert metrics["stages"]["stage1"]["reused"] and metrics["pairs"]["pairs1"]["reused"]
+    a = torch.load(os.path.join(src, "stage2.pt"), weights_only=True)
+    b = torch.load(out / "stage2.pt", weights_only=True)
+    assert a["losses"] == b["losses"] and all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
+
+
+def test_reflow_changed_stage1_file_forces_new_pairs_and_stage2(reflow_brief, tmp_path, capsys):
+    """Bug: pairs and stage 2 were matched to stage 1 by settings only. A stage1.pt with the same settings but
+    other weights (another machine, or a run that overwrote it) must give new pairs and a new stage 2."""
+    src, _ = reflow_brief
+    out = tmp_path / "out"
+    out.mkdir()
+    for f in ("stage1.pt", "pairs1.pt", "stage2.pt"):
+        (out / f).write_bytes(open(os.path.join(src, f), "rb").read())
+    stage1 = torch.load(out / "stage1.pt", weights_only=True)
+    stage1["ema"] = {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v for k, v in stage1["ema"].items()}
+    reflow.save_checkpoint(str(out / "stage1.pt"), stage1)
+    metrics = reflow.main(["--out", str(out), *REFLOW_BRIEF])
+    text = capsys.readouterr().out
+    assert metrics["stages"]["stage1"]["reused"]
+    assert not metrics["pairs"]["pairs1"]["reused"] and not metrics["stages"]["stage2"]["reused"]
+    assert "pairs1.pt was made from another stage1.pt" in text and "stage2.pt was made from another pairs1.pt" in text
+    args = reflow.get_args(REFLOW_BRIEF)
+    model = reflow.make_model((2,), 1, args.hidden, args.depth)
+    model.load_state_dict(stage1["ema"])
+    pairs = torch.load(out / "pairs1.pt", weights_only=True)
+    path, _ = reflow.ode_generate(model, pairs["e"][:32], args.rtol, args.atol)
+    assert torch.allclose(path[-1], pairs["x"][:32], atol=5e-4)  # the pairs come from the changed stage 1
+
+
+# ---------------------------------------------------------------- devices
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("script", [fm, rectified_flow], ids=["fm", "rectified_flow"])
+def test_fm_and_rf_brief_run_each_device(script, device, tmp_path):
+    metrics = script.main(["--out", str(tmp_path / "o"), "--steps", "200", "--n-eval", "200", "--device", device])
+    losses = torch.load(tmp_path / "o" / "checkpoint.pt", weights_only=True, map_location="cpu")["losses"]
+    assert np.mean(losses[-50:]) < np.mean(losses[:50]) and np.isfinite(metrics["w2_ode"])
+    assert np.load(tmp_path / "o" / "samples.npz")["nfe1"].shape == (200, 2)
+
+
+@pytest.mark.parametrize("script", [fm, reflow, imf_reflow], ids=["fm", "reflow", "imf_reflow"])
+def test_dopri5_with_float32_time_as_on_mps(script):
+    """MPS has no float64, and torchdiffeq's dopri5 keeps time in float64 by default: on MPS the scripts ask
+    for float32 time. Here on the CPU: every time the network sees is float32, and x_hat barely moves."""
+    torch.manual_seed(0)
+    net = script.make_model((2,), 1 if script is not imf_reflow else 2, 32, 2)
+    seen = []
+
+    class Spy(torch.nn.Module):
+        def forward(self, z, *times):
+            seen.extend(t.dtype for t in times)
+            return net(z, *times)
+
+    e = torch.randn(64, 2)
+    if script is fm:
+        x32, _ = fm.ode_generate(Spy(), e, time_dtype=torch.float32)
+        x64, _ = fm.ode_generate(net, e)
+    else:
+        x32, x64 = script.ode_generate(Spy(), e, time_dtype=torch.float32)[0][-1], script.ode_generate(net, e)[0][-1]
+    assert seen and all(d == torch.float32 for d in seen)
+    assert torch.allclose(x32, x64, atol=1e-4), (x32 - x64).abs().max()
