@@ -10,12 +10,13 @@ Method (Lipman et al., "Flow Matching for Generative Modeling", 2023):
 
 Time convention (the whole collection): data x at t = 0, noise e at t = 1,
   z_t = (1 - t) * x + t * e,  v = dz_t/dt = e - x,  sampling runs from t = 1 down to t = 0.
-  (The Flow Matching paper puts noise at t = 0: map its t to 1 - t.)
+  (Flow Matching / Rectified Flow papers put noise at t = 0: map their t to 1 - t; the Rectified Flow
+  paper's X1 - X0, target minus source, is our z_0 - z_1, and its velocity is minus ours.)
 
 Run:   python fm.py                           # moons, about a minute on a laptop CPU
        python fm.py --solver rk4 --ode-steps 20
        python fm.py --data digits --steps 2000 --batch-size 128 --channels 16 --lr 2e-3  # 8x8 images, offline, ~2 min
-Outputs in --out (default outputs/fm/): results.png, samples.npz, metrics.json, checkpoint.pt.
+Outputs in --out (default outputs/<script name>/): results.png, samples.npz, metrics.json, checkpoint.pt.
 """
 import argparse
 import copy
@@ -267,14 +268,22 @@ def config_diff(old, new):
     return ", ".join(f"{k}={old.get(k)!r} there but {v!r} here" for k, v in new.items() if old.get(k) != v)
 
 
-def load_checkpoint(path, config, device):
+def read_saved(path, what, device="cpu"):
+    """The dict torch.save wrote to path, with the 'config' it was made with; RunError naming the file otherwise."""
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-        if not isinstance(ckpt, dict) or not {"model", "ema", "optimizer", "step", "config"} <= set(ckpt):
-            raise ValueError("missing keys")
+        saved = torch.load(path, map_location=device, weights_only=True)
+        if not isinstance(saved, dict) or "config" not in saved:
+            raise ValueError("not a dict with a config")
     except Exception as err:
-        raise RunError(f"cannot read checkpoint {path} ({type(err).__name__}: {str(err)[:80]}); "
+        raise RunError(f"cannot read {what} {path} ({type(err).__name__}: {str(err)[:80]}); "
                        "delete it or choose another --out") from None
+    return saved
+
+
+def load_checkpoint(path, config, device):
+    ckpt = read_saved(path, "checkpoint", device)
+    if not {"model", "ema", "optimizer", "step"} <= set(ckpt):
+        raise RunError(f"cannot read checkpoint {path} (keys missing); delete it or choose another --out")
     if ckpt["config"] != config:
         raise RunError(f"checkpoint {path} is from another config ({config_diff(ckpt['config'], config)}); "
                        "use another --out or run without --resume to start over")
@@ -469,7 +478,7 @@ def plot_panels(path, title, data, rows):
 
 
 # --- config ---
-SCRIPT = "fm"
+SCRIPT = os.path.splitext(os.path.basename(__file__))[0]
 
 
 def positive_int(s):
@@ -501,7 +510,7 @@ def fraction(s):
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="Flow Matching with Euler and torchdiffeq ODE sampling.",
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", default="moons", choices=TOY_DATA + IMAGE_DATA, help="dataset")
     p.add_argument("--data-dir", default="data", help="where MNIST is stored / downloaded")
@@ -516,11 +525,10 @@ def get_args(argv=None):
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="device")
     p.add_argument("--seed", type=nonnegative_int, default=0, help="random seed")
     p.add_argument("--out", default=None, help=f"output folder (default outputs/{SCRIPT})")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out (the learning-rate "
-                        "schedule keeps the length it started with; steps past it use lr / 20)")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out, on its lr schedule")
     p.add_argument("--n-eval", type=positive_int, default=2000, help="samples for the W2 metric")
     p.add_argument("--ckpt-every", type=positive_int, default=2000, help="checkpoint interval in steps")
-    # Flow Matching's own flags
+    # the method's own flags
     p.add_argument("--sigma-min", type=fraction, default=1e-3, help="noise left at the data end of the OT path")
     p.add_argument("--time-sampling", default="uniform", choices=["uniform", "logit-normal", "u-shaped"],
                    help="distribution of training times t")
@@ -555,9 +563,10 @@ def run(args, argv):
         x = data.draw(args.batch_size)
         return x, torch.randn_like(x)
 
-    ema, info = train(model, lambda m, x, e: fm_loss(m, x, e, args.sigma_min, args.time_sampling), draw,
-                      args.steps, args.lr, ckpt_path, run_config(args), device, args.resume, args.ema,
-                      args.ckpt_every, [data.rng], desc="FM")
+    loss_fn = lambda m, x, e: fm_loss(m, x, e, args.sigma_min, args.time_sampling)  # noqa: E731
+    rngs = [data.rng]                                           # the numpy Generators draw() uses
+    ema, info = train(model, loss_fn, draw, args.steps, args.lr, ckpt_path, run_config(args), device, args.resume,
+                      args.ema, args.ckpt_every, rngs, desc=SCRIPT)
 
     g = torch.Generator().manual_seed(args.seed + 3000)
     e = torch.randn(data.n_eval, *data.shape, generator=g).to(device)

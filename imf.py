@@ -8,7 +8,7 @@ Method (Geng et al., "Mean Flows for One-step Generative Modeling", 2025, and it
   iMF compound prediction and loss:                      V = u(z_t, r, t) + (t - r) * sg(d/dt u),  ||V - (e - x)||^2
   one step from noise e:                                 x = e - u(e, r=0, t=1)
 
-Where this code departs from the papers (choices made here, not the papers' recipe):
+Where this code departs from the papers:
   - (r, t) sampling: 70% of each batch on the boundary r = t, 20% on the slice r = 0 (t ~ U(0, 1]) whose
     corner (0, 1) is the one-step sampler, 10% the sorted pair of two uniform times (sample_r_t). The
     published MeanFlow/iMF code draws (t, r) from a logit-normal, sorts them and sets r = t for a share;
@@ -20,12 +20,13 @@ Where this code departs from the papers (choices made here, not the papers' reci
 
 Time convention (the whole collection): data x at t = 0, noise e at t = 1,
   z_t = (1 - t) * x + t * e,  v = dz_t/dt = e - x,  sampling runs from t = 1 down to t = 0.
-  (Flow Matching / Rectified Flow papers put noise at t = 0: map their t to 1 - t.)
+  (Flow Matching / Rectified Flow papers put noise at t = 0: map their t to 1 - t; the Rectified Flow
+  paper's X1 - X0, target minus source, is our z_0 - z_1, and its velocity is minus ours.)
 
 Run:   python imf.py                          # moons, about a minute on a laptop CPU
        python imf.py --data spirals --steps 8000
        python imf.py --data digits --steps 2000 --batch-size 128 --channels 16 --lr 2e-3  # 8x8 images, offline, ~2 min
-Outputs in --out (default outputs/imf/): results.png, samples.npz, metrics.json, checkpoint.pt.
+Outputs in --out (default outputs/<script name>/): results.png, samples.npz, metrics.json, checkpoint.pt.
 """
 import argparse
 import copy
@@ -278,14 +279,22 @@ def config_diff(old, new):
     return ", ".join(f"{k}={old.get(k)!r} there but {v!r} here" for k, v in new.items() if old.get(k) != v)
 
 
-def load_checkpoint(path, config, device):
+def read_saved(path, what, device="cpu"):
+    """The dict torch.save wrote to path, with the 'config' it was made with; RunError naming the file otherwise."""
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-        if not isinstance(ckpt, dict) or not {"model", "ema", "optimizer", "step", "config"} <= set(ckpt):
-            raise ValueError("missing keys")
+        saved = torch.load(path, map_location=device, weights_only=True)
+        if not isinstance(saved, dict) or "config" not in saved:
+            raise ValueError("not a dict with a config")
     except Exception as err:
-        raise RunError(f"cannot read checkpoint {path} ({type(err).__name__}: {str(err)[:80]}); "
+        raise RunError(f"cannot read {what} {path} ({type(err).__name__}: {str(err)[:80]}); "
                        "delete it or choose another --out") from None
+    return saved
+
+
+def load_checkpoint(path, config, device):
+    ckpt = read_saved(path, "checkpoint", device)
+    if not {"model", "ema", "optimizer", "step"} <= set(ckpt):
+        raise RunError(f"cannot read checkpoint {path} (keys missing); delete it or choose another --out")
     if ckpt["config"] != config:
         raise RunError(f"checkpoint {path} is from another config ({config_diff(ckpt['config'], config)}); "
                        "use another --out or run without --resume to start over")
@@ -480,7 +489,7 @@ def plot_panels(path, title, data, rows):
 
 
 # --- config ---
-SCRIPT = "imf"
+SCRIPT = os.path.splitext(os.path.basename(__file__))[0]
 
 
 def positive_int(s):
@@ -512,7 +521,7 @@ def fraction(s):
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="improved MeanFlow (iMF): one-step generation.",
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", default="moons", choices=TOY_DATA + IMAGE_DATA, help="dataset")
     p.add_argument("--data-dir", default="data", help="where MNIST is stored / downloaded")
@@ -527,18 +536,14 @@ def get_args(argv=None):
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="device")
     p.add_argument("--seed", type=nonnegative_int, default=0, help="random seed")
     p.add_argument("--out", default=None, help=f"output folder (default outputs/{SCRIPT})")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out (the learning-rate "
-                        "schedule keeps the length it started with; steps past it use lr / 20)")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out, on its lr schedule")
     p.add_argument("--n-eval", type=positive_int, default=2000, help="samples for the W2 metric")
     p.add_argument("--ckpt-every", type=positive_int, default=2000, help="checkpoint interval in steps")
-    # iMF's own flags
+    # the method's own flags
     p.add_argument("--boundary-frac", type=fraction, default=0.7,
                    help="fraction of the batch with r = t (plain flow matching on u(z, t, t))")
     p.add_argument("--r0-frac", type=fraction, default=0.2,
                    help="fraction with r = 0, t ~ U(0, 1]: the slice whose corner (0, 1) 1-NFE sampling uses")
-    p.add_argument("--benchmark", type=nonnegative_int, default=0, metavar="N",
-                   help="time N training steps of iMF and of plain flow matching (same network and batch), "
-                        "print the ratio and exit (0: off)")
     args = p.parse_args(argv)
     if args.boundary_frac + args.r0_frac > 1:
         p.error("--boundary-frac + --r0-frac must be at most 1")
@@ -553,42 +558,12 @@ def run_config(args):
 
 
 # --- main ---
-def benchmark(model, data, args):
-    """Per-step cost of iMF over plain flow matching, measured alternately in this process."""
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4, foreach=True)
-
-    def fm_loss(model, x, e):
-        t = torch.rand(len(x), device=x.device)
-        z = (1 - t[:, None]) * x + t[:, None] * e
-        return ((model(z, t, t) - (e - x)) ** 2).mean()
-
-    losses = {"flow matching": fm_loss, "iMF": lambda m, x, e: imf_loss(m, x, e, args.boundary_frac, args.r0_frac)}
-    times = {k: [] for k in losses}
-    for rep in range(5):
-        for name, fn in losses.items():
-            t0 = time.perf_counter()
-            for _ in range(args.benchmark):
-                x = data.draw(args.batch_size)
-                loss = fn(model, x, torch.randn_like(x))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-            float(loss)  # wait for the device
-            times[name].append((time.perf_counter() - t0) / args.benchmark * 1000)
-    ms = {k: float(np.median(v)) for k, v in times.items()}
-    print(f"ms per step (median of 5 x {args.benchmark}): " + ", ".join(f"{k} {v:.2f}" for k, v in ms.items())
-          + f"; iMF / flow matching = {ms['iMF'] / ms['flow matching']:.2f}")
-    return ms
-
-
 def run(args, argv):
     device = pick_device(args.device)
     torch.manual_seed(args.seed)
     os.makedirs(args.out, exist_ok=True)
     data = Data(args.data, args.data_dir, args.seed, device, args.n_eval)
     model = make_model(data.shape, 2, args.hidden, args.depth, args.channels).to(device)  # u_theta(z, r, t)
-    if args.benchmark:
-        return benchmark(model, data, args)
     ckpt_path = os.path.join(args.out, "checkpoint.pt")
     if not args.resume and os.path.exists(ckpt_path):
         print(f"note: starting over; {ckpt_path} will be replaced (use --resume to continue it)")
@@ -597,9 +572,10 @@ def run(args, argv):
         x = data.draw(args.batch_size)
         return x, torch.randn_like(x)
 
-    ema, info = train(model, lambda m, x, e: imf_loss(m, x, e, args.boundary_frac, args.r0_frac), draw,
-                      args.steps, args.lr, ckpt_path, run_config(args), device, args.resume, args.ema,
-                      args.ckpt_every, [data.rng], desc="iMF")
+    loss_fn = lambda m, x, e: imf_loss(m, x, e, args.boundary_frac, args.r0_frac)  # noqa: E731
+    rngs = [data.rng]                                           # the numpy Generators draw() uses
+    ema, info = train(model, loss_fn, draw, args.steps, args.lr, ckpt_path, run_config(args), device, args.resume,
+                      args.ema, args.ckpt_every, rngs, desc=SCRIPT)
 
     g = torch.Generator().manual_seed(args.seed + 3000)
     e = torch.randn(data.n_eval, *data.shape, generator=g).to(device)

@@ -2,12 +2,16 @@
 
 Method (the iMF + Reflow notes; iMF: Geng et al. 2025; reflow: Liu et al. 2023):
   stage 1 on independent pairs (x ~ data, e ~ N(0, I)), z_t = (1 - t) * x + t * e, the teacher:
-    --teacher fm (default): flow matching on the boundary only, ||u(z_t, t, t) - (e - x)||^2 (no JVP)
-    --teacher imf: iMF as in imf.py, ||u(z_t, r, t) + (t - r) sg(d/dt u) - (e - x)||^2 (JVP along (v, 0, 1))
+    --teacher fm (default): flow matching on the boundary only, ||u(z_t, t, t) - (e - x)||^2; --teacher imf: iMF
   coupling: draw noise e, integrate dz/dt = v(z, t) from t = 1 to 0 with torchdiffeq dopri5
     (rtol = atol = 1e-5, v = u(z, t, t)): x_hat = ODE(e); the pairs are (x_hat, e)
-  stage 2 on straight lines between the pairs of stage 1, z_t = (1 - t) x_hat + t e, from its weights:
-    the iMF loss; one step x = e - u(e, r=0, t=1)
+  stage 2 on straight lines between the pairs of stage 1, z_t = (1 - t) x_hat + t e, from its weights, iMF:
+  u(z, r, t) is the average velocity over [r, t]:       z_r = z_t - (t - r) * u(z_t, r, t)
+  boundary condition (no extra head):                    u(z, t, t) = v(z, t), the instantaneous velocity
+  MeanFlow identity:                                     v(z_t, t) = u(z_t, r, t) + (t - r) * d/dt u(z_t, r, t)
+  total derivative as one forward-mode JVP:              d/dt u = du/dz . v_theta + du/dt, tangent (v_theta, 0, 1)
+  iMF compound prediction and loss:                      V = u(z_t, r, t) + (t - r) * sg(d/dt u),  ||V - (e - x)||^2
+  one step from noise e:                                 x = e - u(e, r=0, t=1)
   The coupling is deterministic (one x_hat for each e), so at t = 1 the target e - x_hat has nothing to
   average over, unlike on independent pairs. Stage 2 learns the teacher's ODE map: it lands near the
   teacher ODE's quality, not past it (the tests' brief runs: 0.99x to 1.07x of its W2).
@@ -16,8 +20,7 @@ Where this code departs from the papers:
   - Flow matching, not the notes' iMF, is the default teacher: its step costs about half an iMF step, and
     stage 2 inherits the teacher's ODE. Measured on moons (seed 0, README): fm teacher (4000 steps) ->
     stage-2 1-NFE 2.00x the W2 floor; iMF teacher (--steps 2200, about as long) -> 2.78x.
-  - iMF's (r, t) are this collection's 70 / 20 / 10 split with an r = 0 slice, not the published
-    logit-normal (measured in imf.py); the loss is the plain squared error.
+  - iMF's (r, t) sampler (with its r = 0 slice) and plain squared loss are imf.py's: see its docstring.
 
 Time convention (the whole collection): data x at t = 0, noise e at t = 1,
   z_t = (1 - t) * x + t * e,  v = dz_t/dt = e - x,  sampling runs from t = 1 down to t = 0.
@@ -50,8 +53,8 @@ from tqdm import tqdm
 
 # --- method ---
 def velocity(model, z, t):
-    """The velocity v(z, t) whose ODE makes the pairs: the boundary u(z, t, t) of the average velocity."""
-    return model(z, t, t)
+    """The instantaneous velocity v(z, t) that the network gives, whose ODE makes the pairs."""
+    return model(z, t, t)                                   # the boundary u(z, t, t) = v(z, t)
 
 
 def sample_r_t(n, device, boundary_frac=0.7, r0_frac=0.2):
@@ -387,14 +390,22 @@ def config_diff(old, new):
     return ", ".join(f"{k}={old.get(k)!r} there but {v!r} here" for k, v in new.items() if old.get(k) != v)
 
 
-def load_checkpoint(path, config, device):
+def read_saved(path, what, device="cpu"):
+    """The dict torch.save wrote to path, with the 'config' it was made with; RunError naming the file otherwise."""
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-        if not isinstance(ckpt, dict) or not {"model", "ema", "optimizer", "step", "config"} <= set(ckpt):
-            raise ValueError("missing keys")
+        saved = torch.load(path, map_location=device, weights_only=True)
+        if not isinstance(saved, dict) or "config" not in saved:
+            raise ValueError("not a dict with a config")
     except Exception as err:
-        raise RunError(f"cannot read checkpoint {path} ({type(err).__name__}: {str(err)[:80]}); "
+        raise RunError(f"cannot read {what} {path} ({type(err).__name__}: {str(err)[:80]}); "
                        "delete it or choose another --out") from None
+    return saved
+
+
+def load_checkpoint(path, config, device):
+    ckpt = read_saved(path, "checkpoint", device)
+    if not {"model", "ema", "optimizer", "step"} <= set(ckpt):
+        raise RunError(f"cannot read checkpoint {path} (keys missing); delete it or choose another --out")
     if ckpt["config"] != config:
         raise RunError(f"checkpoint {path} is from another config ({config_diff(ckpt['config'], config)}); "
                        "use another --out or run without --resume to start over")
@@ -637,9 +648,7 @@ def get_args(argv=None):
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="device")
     p.add_argument("--seed", type=nonnegative_int, default=0, help="random seed")
     p.add_argument("--out", default=None, help=f"output folder (default outputs/{SCRIPT})")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted stage from its file in --out "
-                        "(finished stages and pairs made with these settings from the same files are reused "
-                        "without it)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted stage (finished ones are reused)")
     p.add_argument("--n-eval", type=positive_int, default=2000, help="samples for the W2 metric")
     p.add_argument("--ckpt-every", type=positive_int, default=2000, help="checkpoint interval in steps")
     p.add_argument("--reflow-steps", type=positive_int, default=2000, help="training steps of each later stage")
@@ -685,16 +694,9 @@ def file_sha256(path):
 def read_stored(path, config, what):
     """The dict saved at path if it was made with this config (which holds the sha256 of the file it was made
     from); None, with a one-line note, if there is none or it was made otherwise; RunError if unreadable."""
-    if not os.path.exists(path):
-        return None
-    try:
-        stored = torch.load(path, map_location="cpu", weights_only=True)
-        old = stored["config"]
-    except Exception as err:
-        raise RunError(f"cannot read {what} {path} ({type(err).__name__}: {str(err)[:80]}); "
-                       "delete it or choose another --out") from None
-    if old != config:
-        diff = config_diff(old, {k: v for k, v in config.items() if k != "made_from"})
+    stored = read_saved(path, what) if os.path.exists(path) else None
+    if stored is not None and stored["config"] != config:
+        diff = config_diff(stored["config"], {k: v for k, v in config.items() if k != "made_from"})
         print(f"note: {path} was made " + (f"with other settings ({diff})" if diff else
               f"from another {config['made_from'].split()[0]} than this run's") + "; recomputing it")
         return None
@@ -807,9 +809,9 @@ def run(args, argv):
     top = [("real", "real (held-out)")]
     bottom = [("losses", {n: i["losses"] for n, i in infos.items()}, "training loss")]
     colors = angle_colors(e[:300].cpu().numpy()) if data.shape == (2,) else None  # by the noise point's angle
-    for name in stages:
-        ratio = metrics[f"w2_ratio_{name}_nfe1"]
-        bottom.append(("samples", samples[f"{name}_nfe1"], f"{name}: 1-NFE, W2 {ratio:.2f}x floor"))
+    for name, (_, few_step) in stages.items():
+        label = f"{name}: 1-NFE ({few_step.__name__}), W2 {metrics[f'w2_ratio_{name}_nfe1']:.2f}x floor"
+        bottom.append(("samples", samples[f"{name}_nfe1"], label))
         if name == "distill":
             top.append(("text", "one-step distillation:\ntrained at t = 1 only,\nno ODE of its own"))
         elif data.shape == (2,):

@@ -47,7 +47,7 @@ from tqdm import tqdm
 
 # --- method ---
 def velocity(model, z, t):
-    """The velocity v(z, t) whose ODE makes the pairs: here the network itself."""
+    """The instantaneous velocity v(z, t) that the network gives, whose ODE makes the pairs."""
     return model(z, t)
 
 
@@ -345,14 +345,22 @@ def config_diff(old, new):
     return ", ".join(f"{k}={old.get(k)!r} there but {v!r} here" for k, v in new.items() if old.get(k) != v)
 
 
-def load_checkpoint(path, config, device):
+def read_saved(path, what, device="cpu"):
+    """The dict torch.save wrote to path, with the 'config' it was made with; RunError naming the file otherwise."""
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-        if not isinstance(ckpt, dict) or not {"model", "ema", "optimizer", "step", "config"} <= set(ckpt):
-            raise ValueError("missing keys")
+        saved = torch.load(path, map_location=device, weights_only=True)
+        if not isinstance(saved, dict) or "config" not in saved:
+            raise ValueError("not a dict with a config")
     except Exception as err:
-        raise RunError(f"cannot read checkpoint {path} ({type(err).__name__}: {str(err)[:80]}); "
+        raise RunError(f"cannot read {what} {path} ({type(err).__name__}: {str(err)[:80]}); "
                        "delete it or choose another --out") from None
+    return saved
+
+
+def load_checkpoint(path, config, device):
+    ckpt = read_saved(path, "checkpoint", device)
+    if not {"model", "ema", "optimizer", "step"} <= set(ckpt):
+        raise RunError(f"cannot read checkpoint {path} (keys missing); delete it or choose another --out")
     if ckpt["config"] != config:
         raise RunError(f"checkpoint {path} is from another config ({config_diff(ckpt['config'], config)}); "
                        "use another --out or run without --resume to start over")
@@ -595,9 +603,7 @@ def get_args(argv=None):
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="device")
     p.add_argument("--seed", type=nonnegative_int, default=0, help="random seed")
     p.add_argument("--out", default=None, help=f"output folder (default outputs/{SCRIPT})")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted stage from its file in --out "
-                        "(finished stages and pairs made with these settings from the same files are reused "
-                        "without it)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted stage (finished ones are reused)")
     p.add_argument("--n-eval", type=positive_int, default=2000, help="samples for the W2 metric")
     p.add_argument("--ckpt-every", type=positive_int, default=2000, help="checkpoint interval in steps")
     p.add_argument("--reflow-steps", type=positive_int, default=2500, help="training steps of each later stage")
@@ -642,16 +648,9 @@ def file_sha256(path):
 def read_stored(path, config, what):
     """The dict saved at path if it was made with this config (which holds the sha256 of the file it was made
     from); None, with a one-line note, if there is none or it was made otherwise; RunError if unreadable."""
-    if not os.path.exists(path):
-        return None
-    try:
-        stored = torch.load(path, map_location="cpu", weights_only=True)
-        old = stored["config"]
-    except Exception as err:
-        raise RunError(f"cannot read {what} {path} ({type(err).__name__}: {str(err)[:80]}); "
-                       "delete it or choose another --out") from None
-    if old != config:
-        diff = config_diff(old, {k: v for k, v in config.items() if k != "made_from"})
+    stored = read_saved(path, what) if os.path.exists(path) else None
+    if stored is not None and stored["config"] != config:
+        diff = config_diff(stored["config"], {k: v for k, v in config.items() if k != "made_from"})
         print(f"note: {path} was made " + (f"with other settings ({diff})" if diff else
               f"from another {config['made_from'].split()[0]} than this run's") + "; recomputing it")
         return None
@@ -764,9 +763,9 @@ def run(args, argv):
     top = [("real", "real (held-out)")]
     bottom = [("losses", {n: i["losses"] for n, i in infos.items()}, "training loss")]
     colors = angle_colors(e[:300].cpu().numpy()) if data.shape == (2,) else None  # by the noise point's angle
-    for name in stages:
-        ratio = metrics[f"w2_ratio_{name}_nfe1"]
-        bottom.append(("samples", samples[f"{name}_nfe1"], f"{name}: 1-NFE, W2 {ratio:.2f}x floor"))
+    for name, (_, few_step) in stages.items():
+        label = f"{name}: 1-NFE ({few_step.__name__}), W2 {metrics[f'w2_ratio_{name}_nfe1']:.2f}x floor"
+        bottom.append(("samples", samples[f"{name}_nfe1"], label))
         if name == "distill":
             top.append(("text", "one-step distillation:\ntrained at t = 1 only,\nno ODE of its own"))
         elif data.shape == (2,):

@@ -213,8 +213,7 @@ def test_mnist_failure_suggests_digits(tmp_path, monkeypatch):
                                          (["--steps", "0"], "positive integer"),
                                          (["--steps", "-5"], "positive integer"),
                                          (["--lr", "nan"], "positive number"),
-                                         (["--seed", "-1"], "0 or a positive integer"),
-                                         (["--benchmark", "-1"], "0 or a positive integer")])
+                                         (["--seed", "-1"], "0 or a positive integer")])
 def test_bad_flags_are_argparse_errors(flags, text, capsys):
     with pytest.raises(SystemExit) as err:
         imf.get_args(flags)
@@ -811,7 +810,8 @@ def test_reflow_changed_stage1_file_forces_new_pairs_and_stage2(reflow_brief, tm
     for f in ("stage1.pt", "pairs1.pt", "stage2.pt"):
         (out / f).write_bytes(open(os.path.join(src, f), "rb").read())
     stage1 = torch.load(out / "stage1.pt", weights_only=True)
-    stage1["ema"] = {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v for k, v in stage1["ema"].items()}
+    stage1["ema"] = {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v
+                     for k, v in stage1["ema"].items()}
     reflow.save_checkpoint(str(out / "stage1.pt"), stage1)
     metrics = reflow.main(["--out", str(out), *REFLOW_BRIEF])
     text = capsys.readouterr().out
@@ -854,6 +854,20 @@ def test_dopri5_with_float32_time_as_on_mps(script):
         x32, _ = fm.ode_generate(Spy(), e, time_dtype=torch.float32)
         x64, _ = fm.ode_generate(net, e)
     else:
-        x32, x64 = script.ode_generate(Spy(), e, time_dtype=torch.float32)[0][-1], script.ode_generate(net, e)[0][-1]
+        x32 = script.ode_generate(Spy(), e, time_dtype=torch.float32)[0][-1]
+        x64 = script.ode_generate(net, e)[0][-1]
     assert seen and all(d == torch.float32 for d in seen)
     assert torch.allclose(x32, x64, atol=1e-4), (x32 - x64).abs().max()
+
+
+def test_step_cost_benchmark_runs_and_checks_its_flags(capsys):
+    """benchmarks/imf_step_cost.py (timing lives there, not in the tests): it runs, and bad flags are argparse
+    errors, not tracebacks."""
+    sys.path.insert(0, os.path.join(HERE, "benchmarks"))
+    import imf_step_cost
+    ms = imf_step_cost.main(["--steps", "2", "--batch-size", "16"])
+    assert set(ms) == {"flow matching", "iMF"} and all(v > 0 for v in ms.values())
+    for flags in (["--steps", "-1"], ["--steps", "0"]):
+        with pytest.raises(SystemExit) as err:
+            imf_step_cost.main(flags)
+        assert err.value.code == 2 and "positive integer" in capsys.readouterr().err
