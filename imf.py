@@ -308,17 +308,25 @@ def lr_at(step, lr, total):
     return lr * min(1.0, (step + 1) / warmup) * (0.05 + 0.475 * (1 + math.cos(math.pi * s / total)))
 
 
+def ode_time_dtype(device):
+    """torchdiffeq's adaptive solvers keep time in float64 unless told otherwise; MPS has no float64."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
 def rng_state(rngs):
-    """The random state a training step uses: torch's (CPU and CUDA) and the numpy Generators of the batches."""
+    """The random state a training step uses: torch's (CPU, CUDA, MPS) and the numpy Generators of the batches."""
     return {"torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+            "mps": [torch.mps.get_rng_state()] if torch.backends.mps.is_available() else [],
             "numpy": json.dumps([g.bit_generator.state for g in rngs])}
 
 
 def set_rng_state(state, rngs):
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(state["torch"].cpu())              # a checkpoint loaded onto a GPU has them there
     if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    if state.get("mps") and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(state["mps"][0].cpu())
     for g, s in zip(rngs, json.loads(state["numpy"])):
         g.bit_generator.state = s
 
@@ -361,12 +369,12 @@ def train(model, loss_fn, draw, steps, lr, ckpt_path, config, device, resume=Fal
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, lr, schedule)
             opt.step()
+            pending.append(loss.detach())
+            step, snapshot = step + 1, None                # from here on, Ctrl-C saves this step as done
             with torch.no_grad():
-                decay = min(ema_decay, (1 + step) / (10 + step))
+                decay = min(ema_decay, step / (9 + step))  # warm-up cap (1 + s) / (10 + s) at step s = step - 1
                 for p_ema, p in zip(ema.parameters(), model.parameters()):
                     p_ema.lerp_(p, 1 - decay)
-            pending.append(loss.detach())
-            step, snapshot = step + 1, None
             save = step % ckpt_every == 0 or step == steps
             if step % 50 == 0 or save:
                 vals, pending = torch.stack(pending).tolist(), []  # one device sync per log interval
@@ -382,7 +390,11 @@ def train(model, loss_fn, draw, steps, lr, ckpt_path, config, device, resume=Fal
                     save_checkpoint(ckpt_path, state(rng_state(rngs)))
     except KeyboardInterrupt:
         interrupted = True
-        losses += [v for v in torch.stack(pending).tolist() if math.isfinite(v)] if pending else []
+        vals = torch.stack(pending).tolist() if pending else []
+        if not all(math.isfinite(v) for v in vals):             # keep the last good checkpoint
+            raise RunError(f"interrupted after the loss became non-finite; try a lower --lr (e.g. --lr {lr / 4:g}). "
+                           f"Last good checkpoint: {ckpt_path}") from None
+        losses += vals
         save_checkpoint(ckpt_path, state(snapshot or rng_state(rngs)))
         print(f"\n[{desc}] interrupted at step {step}: saved {ckpt_path} (continue with --resume)")
     bar.close()

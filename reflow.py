@@ -80,8 +80,8 @@ def euler_sample(model, e, nfe):
 @torch.no_grad()
 def ode_generate(model, e, rtol=1e-5, atol=1e-5, n_grid=1, time_dtype=None):
     """dopri5 (torchdiffeq) for dz/dt = v(z, t) from t = 1 to 0. Returns the states at n_grid + 1 equally
-    spaced times (path[0] = e, path[-1] = x_hat) and the number of function evaluations. dopri5 keeps its
-    time in float64 unless told otherwise; MPS has no float64, so there it uses float32."""
+    spaced times (path[0] = e, path[-1] = x_hat) and the number of function evaluations. dopri5's time
+    is float64, or float32 on MPS (ode_time_dtype)."""
     from torchdiffeq import odeint
     nfe = [0]
 
@@ -89,7 +89,7 @@ def ode_generate(model, e, rtol=1e-5, atol=1e-5, n_grid=1, time_dtype=None):
         nfe[0] += 1
         return velocity(model, z, t.expand(len(z)))
 
-    dtype = time_dtype or (torch.float32 if e.device.type == "mps" else torch.float64)
+    dtype = time_dtype or ode_time_dtype(e.device)
     ts = torch.linspace(1.0, 0.0, n_grid + 1, device=e.device)
     return odeint(f, e, ts, method="dopri5", rtol=rtol, atol=atol, options={"dtype": dtype}), nfe[0]
 
@@ -374,17 +374,25 @@ def lr_at(step, lr, total):
     return lr * min(1.0, (step + 1) / warmup) * (0.05 + 0.475 * (1 + math.cos(math.pi * s / total)))
 
 
+def ode_time_dtype(device):
+    """torchdiffeq's adaptive solvers keep time in float64 unless told otherwise; MPS has no float64."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
 def rng_state(rngs):
-    """The random state a training step uses: torch's (CPU and CUDA) and the numpy Generators of the batches."""
+    """The random state a training step uses: torch's (CPU, CUDA, MPS) and the numpy Generators of the batches."""
     return {"torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+            "mps": [torch.mps.get_rng_state()] if torch.backends.mps.is_available() else [],
             "numpy": json.dumps([g.bit_generator.state for g in rngs])}
 
 
 def set_rng_state(state, rngs):
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(state["torch"].cpu())              # a checkpoint loaded onto a GPU has them there
     if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    if state.get("mps") and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(state["mps"][0].cpu())
     for g, s in zip(rngs, json.loads(state["numpy"])):
         g.bit_generator.state = s
 
@@ -427,12 +435,12 @@ def train(model, loss_fn, draw, steps, lr, ckpt_path, config, device, resume=Fal
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, lr, schedule)
             opt.step()
+            pending.append(loss.detach())
+            step, snapshot = step + 1, None                # from here on, Ctrl-C saves this step as done
             with torch.no_grad():
-                decay = min(ema_decay, (1 + step) / (10 + step))
+                decay = min(ema_decay, step / (9 + step))  # warm-up cap (1 + s) / (10 + s) at step s = step - 1
                 for p_ema, p in zip(ema.parameters(), model.parameters()):
                     p_ema.lerp_(p, 1 - decay)
-            pending.append(loss.detach())
-            step, snapshot = step + 1, None
             save = step % ckpt_every == 0 or step == steps
             if step % 50 == 0 or save:
                 vals, pending = torch.stack(pending).tolist(), []  # one device sync per log interval
@@ -448,7 +456,11 @@ def train(model, loss_fn, draw, steps, lr, ckpt_path, config, device, resume=Fal
                     save_checkpoint(ckpt_path, state(rng_state(rngs)))
     except KeyboardInterrupt:
         interrupted = True
-        losses += [v for v in torch.stack(pending).tolist() if math.isfinite(v)] if pending else []
+        vals = torch.stack(pending).tolist() if pending else []
+        if not all(math.isfinite(v) for v in vals):             # keep the last good checkpoint
+            raise RunError(f"interrupted after the loss became non-finite; try a lower --lr (e.g. --lr {lr / 4:g}). "
+                           f"Last good checkpoint: {ckpt_path}") from None
+        losses += vals
         save_checkpoint(ckpt_path, state(snapshot or rng_state(rngs)))
         print(f"\n[{desc}] interrupted at step {step}: saved {ckpt_path} (continue with --resume)")
     bar.close()
@@ -652,7 +664,7 @@ def read_stored(path, config, what):
     if stored is not None and stored["config"] != config:
         diff = config_diff(stored["config"], {k: v for k, v in config.items() if k != "made_from"})
         print(f"note: {path} was made " + (f"with other settings ({diff})" if diff else
-              f"from another {config['made_from'].split()[0]} than this run's") + "; recomputing it")
+              f"from another {config.get('made_from', 'file').split()[0]} than this run's") + "; recomputing it")
         return None
     return stored
 
@@ -668,18 +680,18 @@ def stage_files(args, new_model, shape, device):
         path = os.path.join(args.out, f"{name}.pt")
         config = {**stage_config(args, name), **({"made_from": made_from["pairs"]} if name != "stage1" else {})}
         stored = read_stored(path, config, "stage file")
-        steps = config["steps"]
-        resume = stored is not None and (stored["step"] >= steps or args.resume)
+        steps, done = config["steps"], (stored or {}).get("step", 0)
+        resume = stored is not None and (done >= steps or args.resume)
         if stored is not None and not resume:
-            print(f"note: {path} stopped at step {stored['step']} of {steps}; starting it over (--resume continues it)")
-        elif resume and stored["step"] >= steps:
+            print(f"note: {path} stopped at step {done} of {steps}; starting it over (--resume continues it)")
+        elif resume and done >= steps:
             print(f"[{name}] {path} was made with these settings from the same files: reusing it")
         model = new_model()
         if init is not None:
             model.load_state_dict(init.state_dict())
         ema, infos[name] = train(model, loss_fn, draw, steps, args.lr, path, config, device, resume, args.ema,
                                  args.ckpt_every, rngs, desc=name)
-        infos[name]["reused"] = stored is not None and stored["step"] >= steps
+        infos[name]["reused"] = stored is not None and done >= steps
         return ema, not infos[name]["interrupted"]
 
     def get_pairs(k, model):
