@@ -892,3 +892,74 @@ def test_step_cost_benchmark_runs_and_checks_its_flags(capsys):
         with pytest.raises(SystemExit) as err:
             imf_step_cost.main(flags)
         assert err.value.code == 2 and "positive integer" in capsys.readouterr().err
+
+
+def test_eval_noise_is_normal_and_splits_modes_evenly():
+    """Quasi-random evaluation noise: standard normal, reproducible, and the share of points on each side of
+    a line through the mean is even to 0.3% at n = 2000 for every seed (i.i.d. draws: +-1.1%, so five seeds
+    all within 0.3% would happen by chance about once in 2500)."""
+    e = imf.eval_noise(2000, (2,), 7)
+    assert e.shape == (2000, 2) and torch.equal(e, imf.eval_noise(2000, (2,), 7))
+    assert e.mean(0).abs().max() < 0.02 and (e.std(0) - 1).abs().max() < 0.03
+    for seed in range(5):
+        e = imf.eval_noise(2000, (2,), seed)
+        assert abs((e[:, 0] < 0).float().mean().item() - 0.5) < 0.003, seed
+        assert abs((e[:, 0] + e[:, 1] < 0).float().mean().item() - 0.5) < 0.003, seed
+    assert imf.eval_noise(10, (1, 8, 8), 0).shape == (10, 1, 8, 8)
+
+
+def test_reflow_u_shaped_times_follow_their_density():
+    """--u-shaped: t has density 2 (exp(4t) + exp(4 - 4t)) / (e^4 - 1), i.e. ~ cosh(4 (t - 1/2)), symmetric,
+    about 3x as dense at the ends as in the middle; without it t is uniform."""
+    import math
+    for u_shaped in (True, False):
+        seen = []
+
+        class Spy(torch.nn.Module):
+            def forward(self, z, t):
+                seen.append(t.clone())
+                return torch.zeros_like(z)
+
+        torch.manual_seed(0)
+        reflow.rf_loss(Spy(), torch.randn(200000, 2), torch.randn(200000, 2), 0.0, u_shaped)
+        hist = torch.histc(seen[0], 10, 0, 1) / len(seen[0]) * 10
+        centres = [0.05 + 0.1 * i for i in range(10)]
+        want = [2 * (math.exp(4 * c) + math.exp(4 - 4 * c)) / math.expm1(4) if u_shaped else 1.0 for c in centres]
+        assert all(abs(h - w) < 0.05 * w + 0.02 for h, w in zip(hist.tolist(), want)), (u_shaped, hist, want)
+
+
+def test_imf_paper_recipe_benchmark_runs(tmp_path):
+    sys.path.insert(0, os.path.join(HERE, "benchmarks"))
+    import imf_paper_recipe
+    original = imf.imf_loss
+    try:
+        m = imf_paper_recipe.main(["--sampler", "logit-normal", "--adaptive-p", "1", "--out", str(tmp_path / "o"),
+                                   "--steps", "20", "--n-eval", "100", "--boundary-frac", "0.75"])
+    finally:
+        imf.imf_loss = original                                 # the benchmark patches it
+    assert np.isfinite(m["w2_nfe1"])
+    r, t, nb = imf_paper_recipe.sample_r_t_logit_normal(1000, "cpu", 0.75)
+    assert nb == 750 and torch.all(r <= t) and torch.all(r[:nb] == t[:nb]) and torch.all(r[nb:] < t[nb:])
+
+
+def test_one_step_routes_table_from_finished_runs(tmp_path, capsys):
+    """benchmarks/one_step_routes.py --keep builds the table from the runs' metrics.json (medians, ranges)."""
+    sys.path.insert(0, os.path.join(HERE, "benchmarks"))
+    import one_step_routes
+    for route, script, flags, key, nfe, stages in one_step_routes.ROUTES:
+        for seed, ratio in zip((0, 1, 2), (1.5, 1.1, 1.3)):
+            folder = tmp_path / ("".join([script[:-3], *flags]).replace("--", "-") + f"-s{seed}")
+            folder.mkdir(exist_ok=True)
+            path = folder / "metrics.json"
+            m = json.load(open(path)) if path.exists() else {
+                "command": " ".join(["python", script, "--seed", str(seed), "--out", str(folder), *flags]),
+                "train_seconds": 10.0, "ode_nfe": 80,
+                "stages": {s: {"train_seconds": 5.0} for s in ("stage1", "stage2", "distill")},
+                "pairs": {"pairs1": {"train_seconds": 1.0}}}
+            m[f"w2_ratio_{key}"] = ratio
+            json.dump(m, open(path, "w"))
+    table = one_step_routes.main(["--keep", "--out", str(tmp_path)])
+    assert len(table) == 2 + len(one_step_routes.ROUTES)
+    assert all("**1.30x** (1.10-1.50)" in row for row in table[2:])
+    assert "| 11 |" in table[5]                                 # 2-RF: stage 1 + pairs + stage 2 seconds
+    assert (tmp_path / "routes.md").read_text().count("\n") == len(table)
