@@ -685,8 +685,7 @@ def get_args(argv=None):
     p.add_argument("--r0-frac", type=fraction, default=0.2,
                    help="fraction with r = 0, t ~ U(0, 1]: the slice whose corner (0, 1) 1-NFE sampling uses")
     p.add_argument("--teacher", default="fm", choices=["fm", "imf"],
-                   help="stage 1: fm = flow matching on the boundary u(z, t, t) only (half the step cost, the "
-                        "better teacher in the README's runs), imf = iMF as in imf.py (the notes' recipe)")
+                   help="stage 1: fm = flow matching on u(z, t, t) only (the better teacher, README), imf = iMF")
     args = p.parse_args(argv)
     if args.boundary_frac + args.r0_frac > 1:
         p.error("--boundary-frac + --r0-frac must be at most 1")

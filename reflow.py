@@ -639,9 +639,8 @@ def get_args(argv=None):
     p.add_argument("--atol", type=positive_float, default=1e-5, help="dopri5 absolute tolerance (pairs and 'ode')")
     # the method's own flags
     p.add_argument("--reflows", type=nonnegative_int, default=1, metavar="K", help="reflow stages after stage 1")
-    p.add_argument("--t1-frac", type=fraction, default=0.5,
-                   help="fraction of each reflow batch at t = 1, the point one Euler step uses (rest t ~ U(0, 1))")
-    p.add_argument("--u-shaped", action="store_true", help="reflow t from Lee et al.'s U-shaped p(t), not U(0, 1)")
+    p.add_argument("--t1-frac", type=fraction, default=0.5, help="share of reflow batches at t = 1")
+    p.add_argument("--u-shaped", action="store_true", help="the rest from Lee et al.'s U-shaped p(t), not U(0, 1)")
     p.add_argument("--distill", action="store_true", help="also distill the stage that made the last pairs")
     p.add_argument("--distill-steps", type=positive_int, default=None, help="(default: --reflow-steps)")
     args = p.parse_args(argv)
