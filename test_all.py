@@ -895,22 +895,26 @@ def test_step_cost_benchmark_runs_and_checks_its_flags(capsys):
 
 
 def test_eval_noise_is_normal_and_splits_modes_evenly():
-    """Quasi-random evaluation noise: standard normal, reproducible, and the share of points on each side of
-    a line through the mean is even to 0.3% at n = 2000 for every seed (i.i.d. draws: +-1.1%, so five seeds
-    all within 0.3% would happen by chance about once in 2500)."""
-    e = imf.eval_noise(2000, (2,), 7)
-    assert e.shape == (2000, 2) and torch.equal(e, imf.eval_noise(2000, (2,), 7))
+    """Evaluation noise for moons: standard normal, reproducible, and the share of points on each side of a line
+    through the mean is even to 0.3% at n = 2000 for every seed (i.i.d. draws: +-1.1%, so five seeds all within
+    0.3% would happen by chance about once in 2500). For i.i.d.-drawn data (8gaussians) it is i.i.d. too."""
+    moons = imf.Data("moons", "data", 0, torch.device("cpu"), 2000)
+    e = imf.eval_noise(moons, 7)
+    assert e.shape == (2000, 2) and torch.equal(e, imf.eval_noise(moons, 7))
     assert e.mean(0).abs().max() < 0.02 and (e.std(0) - 1).abs().max() < 0.03
     for seed in range(5):
-        e = imf.eval_noise(2000, (2,), seed)
+        e = imf.eval_noise(moons, seed)
         assert abs((e[:, 0] < 0).float().mean().item() - 0.5) < 0.003, seed
         assert abs((e[:, 0] + e[:, 1] < 0).float().mean().item() - 0.5) < 0.003, seed
-    assert imf.eval_noise(10, (1, 8, 8), 0).shape == (10, 1, 8, 8)
+    gauss = imf.Data("8gaussians", "data", 0, torch.device("cpu"), 2000)
+    assert torch.equal(imf.eval_noise(gauss, 7), torch.randn(2000, 2, generator=torch.Generator().manual_seed(7)))
+    digits = imf.Data("digits", "data", 0, torch.device("cpu"), 10)
+    assert imf.eval_noise(digits, 0).shape == (10, 1, 8, 8)
 
 
 def test_reflow_u_shaped_times_follow_their_density():
     """--u-shaped: t has density 2 (exp(4t) + exp(4 - 4t)) / (e^4 - 1), i.e. ~ cosh(4 (t - 1/2)), symmetric,
-    about 3x as dense at the ends as in the middle; without it t is uniform."""
+    about 3.8x as dense at the ends as in the middle; without it t is uniform."""
     import math
     for u_shaped in (True, False):
         seen = []
@@ -931,13 +935,23 @@ def test_reflow_u_shaped_times_follow_their_density():
 def test_imf_paper_recipe_benchmark_runs(tmp_path):
     sys.path.insert(0, os.path.join(HERE, "benchmarks"))
     import imf_paper_recipe
-    original = imf.imf_loss
+    original, original_config, calls = imf.imf_loss, imf.run_config, []
+    real = imf_paper_recipe.paper_loss
+
+    def counted(*a):
+        calls.append(a[5:])
+        return real(*a)
+
+    imf_paper_recipe.paper_loss = counted
     try:
         m = imf_paper_recipe.main(["--sampler", "logit-normal", "--adaptive-p", "1", "--out", str(tmp_path / "o"),
                                    "--steps", "20", "--n-eval", "100", "--boundary-frac", "0.75"])
-    finally:
-        imf.imf_loss = original                                 # the benchmark patches it
-    assert np.isfinite(m["w2_nfe1"])
+    finally:                                                    # the benchmark patches imf
+        imf.imf_loss, imf.run_config, imf_paper_recipe.paper_loss = original, original_config, real
+    assert len(calls) == 20 and calls[0] == ("logit-normal", 1.0, 1e-3) and np.isfinite(m["w2_nfe1"])
+    saved = json.load(open(tmp_path / "o" / "metrics.json"))
+    assert saved["command"].startswith("python benchmarks/imf_paper_recipe.py --sampler logit-normal")
+    assert torch.load(tmp_path / "o" / "checkpoint.pt", weights_only=True)["config"]["sampler"] == "logit-normal"
     r, t, nb = imf_paper_recipe.sample_r_t_logit_normal(1000, "cpu", 0.75)
     assert nb == 750 and torch.all(r <= t) and torch.all(r[:nb] == t[:nb]) and torch.all(r[nb:] < t[nb:])
 

@@ -6,9 +6,10 @@ It patches imf.imf_loss and runs imf.main, so every imf.py flag works. From the 
     python benchmarks/imf_paper_recipe.py --sampler split --adaptive-p 1 --seed 0
 
 The papers' sampler draws two logit-normal(-0.4, 1) times, sorts them into r <= t and sets r = t for a share
-of the batch (here imf.py's --boundary-frac); their adaptive weighting divides each sample's squared error by
-(its detached value + c)^p."""
+of the batch (here imf.py's --boundary-frac); their adaptive weighting divides each sample's squared error,
+summed over its dimensions, by (its detached value + c)^p."""
 import argparse
+import json
 import os
 import sys
 
@@ -43,8 +44,8 @@ def paper_loss(model, x, e, boundary_frac, r0_frac, sampler="logit-normal", p=0.
     V = torch.cat([u[:nb], u[nb:] + (tj - rj).view(-1, *tb.shape[1:]) * dudt])
     if p == 0:
         return ((V - (e - x)) ** 2).mean()
-    err = ((V - (e - x)) ** 2).flatten(1).mean(1)
-    return (err / (err.detach() + c) ** p).mean()          # adaptive weighting, gradient of err / sg(err + c)^p
+    err = ((V - (e - x)) ** 2).flatten(1).sum(1)           # each sample's squared error, summed over dimensions
+    return (err / (err.detach() + c) ** p).mean()          # adaptive weighting: err / sg(err + c)^p
 
 
 def main(argv=None):
@@ -54,11 +55,17 @@ def main(argv=None):
     p.add_argument("--adaptive-p", type=float, default=0.0, help="adaptive weighting power p (0: plain loss)")
     p.add_argument("--adaptive-c", type=float, default=1e-3, help="adaptive weighting constant c")
     args, rest = p.parse_known_args(argv)
-    imf.imf_loss = lambda m, x, e, bf, r0: paper_loss(m, x, e, bf, r0, args.sampler, args.adaptive_p, args.adaptive_c)
-    rest = rest or []
-    if not any(a == "--out" for a in rest):
-        rest += ["--out", os.path.join("outputs", f"imf_paper_{args.sampler}_p{args.adaptive_p:g}")]
-    return imf.main(rest)
+    recipe = {"sampler": args.sampler, "adaptive_p": args.adaptive_p, "adaptive_c": args.adaptive_c}
+    imf.imf_loss = lambda m, x, e, bf, r0: paper_loss(m, x, e, bf, r0, *recipe.values())
+    run_config = imf.run_config
+    imf.run_config = lambda a: {**run_config(a), **recipe}   # --resume refuses a checkpoint of another recipe
+    if "--out" not in rest:
+        rest += ["--out", os.path.join("outputs", f"imf_paper_{args.sampler}_p{args.adaptive_p:g}_c{args.adaptive_c:g}")]
+    metrics = imf.main(rest)
+    metrics["command"] = " ".join(["python", "benchmarks/imf_paper_recipe.py", *(argv if argv is not None else [])])
+    with open(os.path.join(rest[rest.index("--out") + 1], "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+    return metrics
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ Each route's numbers come from the metrics.json its command wrote; nothing here 
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 
@@ -25,21 +26,23 @@ ROUTES = [
 ]
 
 
-def run(script, flags, seed, out, keep, _done={}):
+def run(script, flags, seed, out, keep, done):
     """metrics.json of `python script --seed S --out out/<script><flags>-s<S> flags`, run once per call of
-    main (several routes read one run), or found in --out with --keep."""
-    if (script, tuple(flags), seed) in _done:
-        return _done[script, tuple(flags), seed]
+    main (done: the runs made so far; several routes read one run), or found in --out with --keep."""
+    if (script, tuple(flags), seed) in done:
+        return done[script, tuple(flags), seed]
     folder = os.path.join(out, "".join([script[:-3], *flags]).replace("--", "-") + f"-s{seed}")
     cmd = [sys.executable, os.path.join(HERE, script), "--seed", str(seed), "--out", folder, *flags]
     path = os.path.join(folder, "metrics.json")
     if keep and os.path.exists(path) and json.load(open(path))["command"].split()[2:] == cmd[2:]:
-        _done[script, tuple(flags), seed] = json.load(open(path))
-        return _done[script, tuple(flags), seed]
+        done[script, tuple(flags), seed] = json.load(open(path))
+        return done[script, tuple(flags), seed]
     print(" ".join(["python", script, *cmd[2:]]), flush=True)
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _done[script, tuple(flags), seed] = json.load(open(path))
-    return _done[script, tuple(flags), seed]
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "run.log"), "w") as log:        # the run's output, and its error if it fails
+        subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
+    done[script, tuple(flags), seed] = json.load(open(path))
+    return done[script, tuple(flags), seed]
 
 
 def seconds(m, stages):
@@ -56,18 +59,18 @@ def main(argv=None):
     p.add_argument("--out", default=os.path.join("outputs", "routes"), help="where the runs go")
     p.add_argument("--keep", action="store_true", help="reuse finished runs in --out")
     args = p.parse_args(argv)
-    rows, times = [], {}
+    rows, done = [], {}
     for route, script, flags, key, nfe, stages in ROUTES:
         ratios, secs, nfes = [], [], []
         for seed in args.seeds:
-            m = run(script, flags, seed, args.out, args.keep)
+            m = run(script, flags, seed, args.out, args.keep, done)
             ratios.append(m[f"w2_ratio_{key}"])
             secs.append(seconds(m, stages))
             nfes.append(m[nfe] if isinstance(nfe, str) else nfe)
-        med = sorted(ratios)[len(ratios) // 2]
+        med = statistics.median(ratios)
         command = " ".join(["python", script, *flags])
-        rows.append(f"| {route} | `{command}` | {sorted(nfes)[len(nfes) // 2]} | "
-                    f"{sorted(secs)[len(secs) // 2]:.0f} | **{med:.2f}x** ({min(ratios):.2f}-{max(ratios):.2f}) | "
+        rows.append(f"| {route} | `{command}` | {statistics.median(nfes):g} | "
+                    f"{statistics.median(secs):.0f} | **{med:.2f}x** ({min(ratios):.2f}-{max(ratios):.2f}) | "
                     + ", ".join(f"{r:.2f}" for r in ratios) + " |")
     table = ["| route | command | NFE | training s (median) | W2 / floor, median (range) | per seed "
              + " ".join(str(s) for s in args.seeds) + " |", "|---|---|---|---|---|---|"] + rows
