@@ -9,7 +9,7 @@ Method (Liu et al., "Flow Straight and Fast: Learning to Generate and Transfer D
     the same loss ||v(z_t, t) - (e - x_hat)||^2; one step x = e - v(e, 1)
   The coupling is deterministic (one x_hat for each e), so at t = 1 the target e - x_hat has nothing to
   average over, unlike on independent pairs. For the exact flow a reflow keeps the marginals, does not raise
-  the transport cost E||x_hat - e||^2 (the paper's theorem; a learned flow only about: README 0.3434 -> 0.3442)
+  the transport cost E||x_hat - e||^2 (the paper's theorem; a learned flow only about: 0.3430 -> 0.3441, README)
   and straightens the paths: S = E int ||(z_1 - z_0) - v(z_t, t)||^2 dt drops. --distill fits the one-step
   map of the stage that made the last pairs, ||v(e, 1) - (e - x_hat)||^2 at t = 1 only (no flow).
 
