@@ -181,27 +181,27 @@ def toy_points(name, n, rng):
 
 
 def load_images(name, data_dir):
-    """(train, heldout) float tensors (N, 1, H, W) in [0, 1]."""
+    """(train, train labels, heldout): images as float tensors (N, 1, H, W) in [0, 1], labels as int64."""
     if name == "digits":
         from sklearn.datasets import load_digits
-        x = torch.tensor(load_digits().images, dtype=torch.float32)[:, None] / 16.0
+        digits = load_digits()
+        x, y = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0, torch.tensor(digits.target)
         perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(1234))
-        return x[perm[360:]], x[perm[:360]]
+        return x[perm[360:]], y[perm[360:]], x[perm[:360]]
     try:
         from torchvision.datasets import MNIST
-        train = MNIST(data_dir, train=True, download=True).data
-        test = MNIST(data_dir, train=False, download=True).data
+        train, test = MNIST(data_dir, train=True, download=True), MNIST(data_dir, train=False, download=True)
     except Exception as err:  # no network, bad files, ...
         raise RunError(f"could not load MNIST from {data_dir!r} ({type(err).__name__}: {err}); "
                        "try --data digits, which works offline") from None
-    return train[:, None].float() / 255.0, test[:2000, None].float() / 255.0
+    return train.data[:, None].float() / 255.0, train.targets.long(), test.data[:2000, None].float() / 255.0
 
 
 class Data:
     """Training batches in model coordinates, held-out samples in data coordinates."""
 
     def __init__(self, name, data_dir, seed, device, n_eval):
-        self.name, self.device = name, device
+        self.name, self.device, self.data_dir = name, device, data_dir
         self.rng = np.random.default_rng(seed)
         if name in TOY_DATA:
             self.shape = (2,)
@@ -211,7 +211,7 @@ class Data:
             self.heldout = toy_points(name, n_eval, np.random.default_rng(seed + 1000)).astype(np.float32)
             self.floor_set = toy_points(name, n_eval, np.random.default_rng(seed + 2000)).astype(np.float32)
         else:
-            train, heldout = load_images(name, data_dir)
+            train, self.train_labels, heldout = load_images(name, data_dir)
             self.shape = tuple(train.shape[1:])
             self.train = (2 * train - 1).to(device)  # model coordinates [-1, 1]
             n = min(n_eval, len(heldout))
@@ -416,14 +416,86 @@ def eval_noise(data, seed, device="cpu"):
     return torch.special.ndtri(u.clamp(1e-12, 1 - 1e-12)).float().reshape(shape).to(device)
 
 
+class FeatureNet(nn.Module):
+    """A small CNN classifier of the dataset's classes; its penultimate layer (64 features) is the space in
+    which image samples are compared (Frechet distance), as FID does with an Inception network."""
+
+    def __init__(self, in_ch=1, n_classes=10):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_ch, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            nn.Linear(64, 64), nn.ReLU())
+        self.head = nn.Linear(64, n_classes)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def image_classifier(data, seed=0):
+    """The FeatureNet for data's images: read from --data-dir/<name>_classifier.pt if that file was made with
+    these settings, else trained on the training split (Adam, batch 128, about 20 epochs, 300 to 2000 steps)
+    and saved there. A file that cannot be read or was made otherwise is retrained, with a one-line note."""
+    steps = min(2000, max(300, 20 * len(data.train) // 128))
+    settings = {"data": data.name, "shape": list(data.shape), "n_train": len(data.train), "steps": steps,
+                "seed": seed, "net": "FeatureNet 32-64-64-64"}
+    path = os.path.join(data.data_dir, f"{data.name}_classifier.pt")
+    with torch.random.fork_rng(devices=[]):                    # leaves the caller's random state alone
+        torch.manual_seed(seed)
+        net = FeatureNet(data.shape[0])
+        if os.path.exists(path):
+            try:
+                saved = torch.load(path, map_location="cpu", weights_only=True)
+                if saved["settings"] == settings:
+                    net.load_state_dict(saved["model"])
+                    return net.eval()
+                print(f"note: {path} was made with other settings; training the classifier again")
+            except Exception as err:
+                print(f"note: cannot read {path} ({type(err).__name__}); training the classifier again")
+        x, y = ((data.train + 1) / 2).cpu(), data.train_labels
+        opt = torch.optim.Adam(net.parameters(), lr=2e-3)
+        for _ in range(steps):
+            i = torch.randint(len(x), (128,))
+            loss = F.cross_entropy(net(x[i]), y[i])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    os.makedirs(data.data_dir, exist_ok=True)
+    save_checkpoint(path, {"model": net.state_dict(), "settings": settings})
+    return net.eval()
+
+
+def frechet_distance(f1, f2):
+    """Frechet distance of Gaussians fitted to two feature sets: |m1 - m2|^2 + tr(C1 + C2 - 2 (C1 C2)^(1/2))."""
+    from scipy import linalg
+    f1, f2 = np.asarray(f1, np.float64), np.asarray(f2, np.float64)
+    eye = 1e-6 * np.eye(f1.shape[1])                           # dead ReLU features make C singular
+    c1, c2 = np.cov(f1, rowvar=False) + eye, np.cov(f2, rowvar=False) + eye
+    root = linalg.sqrtm(c1 @ c2).real
+    return float(((f1.mean(0) - f2.mean(0)) ** 2).sum() + np.trace(c1 + c2 - 2 * root))
+
+
 def report(samples, data):
-    """W2 of each sampler setting against held-out real data, next to the floor of two real sets."""
-    floor = w2_distance(data.floor_set, data.heldout)
-    metrics = {"w2_floor": round(floor, 5), "n_eval": data.n_eval}
+    """Each sampler setting against held-out real data, next to the floor of a real set of the same size:
+    exact W2 for 2D data, the Frechet distance in a digit classifier's features (FD) for images."""
+    if data.shape == (2,):
+        name, distance = "W2", w2_distance
+        prepare = lambda x: x  # noqa: E731
+    else:
+        name, distance, net = "FD", frechet_distance, image_classifier(data)
+
+        def prepare(x):
+            with torch.no_grad():
+                return net.features(torch.as_tensor(np.asarray(x), dtype=torch.float32).reshape(-1, *data.shape))
+    real = prepare(data.heldout)
+    floor = distance(prepare(data.floor_set), real)
+    m = name.lower()
+    metrics = {"metric": name, f"{m}_floor": round(floor, 5), "n_eval": data.n_eval}
     for key, x in samples.items():
-        w2 = w2_distance(x, data.heldout)
-        metrics[f"w2_{key}"], metrics[f"w2_ratio_{key}"] = round(w2, 5), round(w2 / floor, 3)
-        print(f"{key:>12}  W2 {w2:.4f}  floor {floor:.4f}  ({w2 / floor:.2f}x)")
+        d = distance(prepare(x), real)
+        metrics[f"{m}_{key}"], metrics[f"ratio_{key}"] = round(d, 5), round(d / floor, 3)
+        metrics[f"{m}_ratio_{key}"] = metrics[f"ratio_{key}"]
+        print(f"{key:>12}  {name} {d:.4f}  floor {floor:.4f}  ({d / floor:.2f}x)")
     return metrics
 
 
@@ -599,7 +671,7 @@ def run(args, argv):
     metrics.update({"straightness": round(S, 5), "transport_cost": round(C, 5), "source": args.source})
     metrics["command"] = " ".join(["python", f"{SCRIPT}.py"] + (sys.argv[1:] if argv is None else list(argv)))
     save_results(args.out, samples, data, metrics)
-    row = [("real", "real (held-out)")] + [("samples", x, f"{k}  W2 {metrics[f'w2_ratio_{k}']:.2f}x floor")
+    row = [("real", "real (held-out)")] + [("samples", x, f"{k}  {metrics['metric']} {metrics[f'ratio_{k}']:.2f}x")
                                            for k, x in samples.items()]
     if data.shape == (2,):
         _, path = euler_sample(ema, e[:300], 16, keep_path=True)

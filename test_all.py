@@ -186,8 +186,8 @@ def test_mnist_loader_reads_idx_files(tmp_path):
     write_idx(raw / "train-labels-idx1-ubyte", rng.integers(0, 10, 40))
     write_idx(raw / "t10k-images-idx3-ubyte", test_x)
     write_idx(raw / "t10k-labels-idx1-ubyte", rng.integers(0, 10, 12))
-    train, heldout = imf.load_images("mnist", str(tmp_path))
-    assert train.shape == (40, 1, 28, 28) and heldout.shape == (12, 1, 28, 28)
+    train, labels, heldout = imf.load_images("mnist", str(tmp_path))
+    assert train.shape == (40, 1, 28, 28) and heldout.shape == (12, 1, 28, 28) and labels.shape == (40,)
     assert torch.allclose(train[3, 0], torch.tensor(train_x[3], dtype=torch.float32) / 255)
     out, metrics = run_imf(tmp_path, "--data", "mnist", "--data-dir", str(tmp_path), "--steps", "4",
                            "--channels", "8", "--batch-size", "8")
@@ -977,3 +977,40 @@ def test_one_step_routes_table_from_finished_runs(tmp_path, capsys):
     assert all("**1.30x** (1.10-1.50)" in row for row in table[2:])
     assert "| 11 |" in table[5]                                 # 2-RF: stage 1 + pairs + stage 2 seconds
     assert (tmp_path / "routes.md").read_text().count("\n") == len(table)
+
+
+# ---------------------------------------------------------------- the image quality number
+def test_frechet_distance_of_a_set_to_itself_is_zero_and_grows_with_a_shift():
+    f = np.random.default_rng(0).standard_normal((500, 8))
+    assert abs(imf.frechet_distance(f, f)) < 1e-6
+    assert abs(imf.frechet_distance(f, f + 2.0) - 8 * 4.0) < 1e-6         # |mean shift|^2, same covariance
+
+
+def test_image_fd_ranks_real_digits_near_the_floor_and_noise_far_above(tmp_path, capsys):
+    """In the classifier's features: a second real set scores about the floor, uniform noise and the mean
+    digit (what pixel W2 used to rank as good) score far above it. A corrupt cached classifier is retrained
+    with a one-line note."""
+    data = imf.Data("digits", str(tmp_path), 0, torch.device("cpu"), 360)
+    net = imf.image_classifier(data)
+    assert (tmp_path / "digits_classifier.pt").exists()
+    real = data.heldout.reshape(-1, 1, 8, 8)
+    with torch.no_grad():
+        acc = (net(torch.tensor(real)).argmax(1).numpy() == _digit_labels()[:360]).mean()
+    assert acc > 0.9, acc                                                # measured 0.96
+    samples = {"real": data.floor_set[::-1].copy(), "noise": np.random.default_rng(0).random((360, 64)),
+               "mean": np.repeat(real.mean(0, keepdims=True), 360, 0)}
+    m = imf.report(samples, data)
+    assert m["metric"] == "FD" and m["ratio_real"] < 1.01
+    assert m["ratio_noise"] > 20 and m["ratio_mean"] > 20, m             # measured 42 and 179
+    (tmp_path / "digits_classifier.pt").write_bytes(b"not a classifier")
+    capsys.readouterr()
+    imf.image_classifier(data)
+    out = capsys.readouterr().out
+    assert "cannot read" in out and "training the classifier again" in out and "Traceback" not in out
+    assert torch.load(tmp_path / "digits_classifier.pt", weights_only=True)["settings"]["data"] == "digits"
+
+
+def _digit_labels():
+    from sklearn.datasets import load_digits
+    y = load_digits().target
+    return y[torch.randperm(len(y), generator=torch.Generator().manual_seed(1234)).numpy()]
