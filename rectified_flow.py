@@ -185,7 +185,7 @@ def load_images(name, data_dir):
     if name == "digits":
         from sklearn.datasets import load_digits
         digits = load_digits()
-        x, y = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0, torch.tensor(digits.target)
+        x, y = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0, torch.tensor(digits.target).long()
         perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(1234))
         return x[perm[360:]], y[perm[360:]], x[perm[:360]]
     try:
@@ -219,6 +219,8 @@ class Data:
             self.heldout = heldout[:n].reshape(n, -1).numpy()
             self.floor_set = train[torch.randperm(len(train), generator=g)[:n]].reshape(n, -1).numpy()
         self.n_eval = len(self.heldout)
+        if self.n_eval < 2:
+            raise RunError("--n-eval must be at least 2: the quality number compares sets of samples")
 
     def draw(self, n):
         """A training batch of n samples in model coordinates, on the device."""
@@ -250,7 +252,7 @@ def pick_device(name):
 
 def save_checkpoint(path, state):
     """Write atomically: a crash mid-write never replaces a good checkpoint with a broken one."""
-    tmp = path + ".tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"                          # two runs at once never share a temporary file
     torch.save(state, tmp)
     os.replace(tmp, path)
 
@@ -452,6 +454,8 @@ def image_classifier(data, seed=0):
                 print(f"note: {path} was made with other settings; training the classifier again")
             except Exception as err:
                 print(f"note: cannot read {path} ({type(err).__name__}); training the classifier again")
+            torch.manual_seed(seed)                            # the same classifier as a first run's
+            net = FeatureNet(data.shape[0])
         x, y = ((data.train + 1) / 2).cpu(), data.train_labels
         opt = torch.optim.Adam(net.parameters(), lr=2e-3)
         for _ in range(steps):
@@ -460,8 +464,11 @@ def image_classifier(data, seed=0):
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-    os.makedirs(data.data_dir, exist_ok=True)
-    save_checkpoint(path, {"model": net.state_dict(), "settings": settings})
+    try:
+        os.makedirs(data.data_dir, exist_ok=True)
+        save_checkpoint(path, {"model": net.state_dict(), "settings": settings})
+    except OSError as err:
+        print(f"note: could not cache the classifier in {path} ({type(err).__name__}); it is trained again next time")
     return net.eval()
 
 
@@ -616,7 +623,7 @@ def get_args(argv=None):
     p.add_argument("--seed", type=nonnegative_int, default=0, help="random seed")
     p.add_argument("--out", default=None, help=f"output folder (default outputs/{SCRIPT})")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out, on its lr schedule")
-    p.add_argument("--n-eval", type=positive_int, default=2000, help="samples for the W2 metric")
+    p.add_argument("--n-eval", type=positive_int, default=2000, help="samples for the quality number (W2 or FD)")
     p.add_argument("--ckpt-every", type=positive_int, default=2000, help="checkpoint interval in steps")
     # the method's own flags
     p.add_argument("--source", default="gaussian", choices=["gaussian"] + TOY_DATA,

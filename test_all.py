@@ -987,7 +987,7 @@ def test_frechet_distance_of_a_set_to_itself_is_zero_and_grows_with_a_shift():
 
 
 def test_image_fd_ranks_real_digits_near_the_floor_and_noise_far_above(tmp_path, capsys):
-    """In the classifier's features: a second real set scores about the floor, uniform noise and the mean
+    """In the classifier's features: another real set scores near the floor, uniform noise and the mean
     digit (what pixel W2 used to rank as good) score far above it. A corrupt cached classifier is retrained
     with a one-line note."""
     data = imf.Data("digits", str(tmp_path), 0, torch.device("cpu"), 360)
@@ -997,10 +997,11 @@ def test_image_fd_ranks_real_digits_near_the_floor_and_noise_far_above(tmp_path,
     with torch.no_grad():
         acc = (net(torch.tensor(real)).argmax(1).numpy() == _digit_labels()[:360]).mean()
     assert acc > 0.9, acc                                                # measured 0.96
-    samples = {"real": data.floor_set[::-1].copy(), "noise": np.random.default_rng(0).random((360, 64)),
+    samples = {"real": ((data.train[-360:] + 1) / 2).reshape(360, -1).numpy(),    # other real digits
+               "noise": np.random.default_rng(0).random((360, 64)),
                "mean": np.repeat(real.mean(0, keepdims=True), 360, 0)}
     m = imf.report(samples, data)
-    assert m["metric"] == "FD" and m["ratio_real"] < 1.01
+    assert m["metric"] == "FD" and m["ratio_real"] < 2.5, m              # measured 1.65: FD is noisy at n = 360
     assert m["ratio_noise"] > 20 and m["ratio_mean"] > 20, m             # measured 42 and 179
     (tmp_path / "digits_classifier.pt").write_bytes(b"not a classifier")
     capsys.readouterr()
