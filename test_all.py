@@ -724,7 +724,7 @@ def test_fm_and_rf_trained_beat_untrained(script, tmp_path):
     e = torch.randn(400, 2, generator=torch.Generator().manual_seed(5))
     w2_untrained = script.w2_distance(data.to_data(script.euler_sample(untrained, e, 50)), data.heldout)
     print(script.__name__, "ODE W2 trained", metrics["w2_ode"], "untrained", w2_untrained)
-    assert metrics["w2_ode"] < 0.5 * w2_untrained, (metrics["w2_ode"], w2_untrained)
+    assert metrics["w2_ode"] < 0.45 * w2_untrained, (metrics["w2_ode"], w2_untrained)  # measured 0.38 (both)
 
 
 # ---------------------------------------------------------------- resume, checkpoints, stage files
@@ -996,13 +996,13 @@ def test_image_fd_ranks_real_digits_near_the_floor_and_noise_far_above(tmp_path,
     real = data.heldout.reshape(-1, 1, 8, 8)
     with torch.no_grad():
         acc = (net(torch.tensor(real)).argmax(1).numpy() == _digit_labels()[:360]).mean()
-    assert acc > 0.9, acc                                                # measured 0.96
+    assert acc > 0.94, acc                                               # measured 0.964
     samples = {"real": ((data.train[-360:] + 1) / 2).reshape(360, -1).numpy(),    # other real digits
                "noise": np.random.default_rng(0).random((360, 64)),
                "mean": np.repeat(real.mean(0, keepdims=True), 360, 0)}
     m = imf.report(samples, data)
-    assert m["metric"] == "FD" and m["ratio_real"] < 2.5, m              # measured 1.65: FD is noisy at n = 360
-    assert m["ratio_noise"] > 20 and m["ratio_mean"] > 20, m             # measured 42 and 179
+    assert m["metric"] == "FD" and m["ratio_real"] < 2.0, m              # measured 1.65: FD is noisy at n = 360
+    assert m["ratio_noise"] > 30 and m["ratio_mean"] > 120, m            # measured 42 and 179
     (tmp_path / "digits_classifier.pt").write_bytes(b"not a classifier")
     capsys.readouterr()
     imf.image_classifier(data)
