@@ -18,6 +18,12 @@ Where this code departs from the papers:
   - The loss is the plain squared error; the papers' adaptive weighting (p = 1, c = 1e-3) measured 6.41x.
   - Small networks for 2D toys and 8x8 digits, a time embedding with low frequencies (see TimeEmbedding).
 
+Class conditioning (--cond): a label embedding with one extra "no label" index, which --label-drop (0.1) trains.
+  Guidance (--guidance W) is folded into the training target as in MeanFlow (Geng et al. 2025, "Mean Flows with
+  guidance"): rows with a label regress w (e - x) + (1 - w) sg(u(z_t, t, t | no label)) instead of e - x, rows
+  whose label was dropped keep e - x; W is fixed at training time (the MeanFlow form without its kappa term; W is
+  not a network input). The one-step sample x = e - u(e, 0, 1 | label) stays one network evaluation.
+
 Time convention (the whole collection): data x at t = 0, noise e at t = 1,
   z_t = (1 - t) * x + t * e,  v = dz_t/dt = e - x,  sampling runs from t = 1 down to t = 0.
   (Flow Matching / Rectified Flow papers put noise at t = 0: map their t to 1 - t; the Rectified Flow
@@ -25,7 +31,8 @@ Time convention (the whole collection): data x at t = 0, noise e at t = 1,
 
 Run:   python imf.py                          # moons, about a minute on a laptop CPU
        python imf.py --data spirals --steps 8000
-       python imf.py --data digits --steps 2000 --batch-size 128 --channels 16 --lr 2e-3  # 8x8 images, offline, ~2 min
+       python imf.py --data digits             # 8x8 images, offline; defaults per dataset (see --help)
+       python imf.py --data digits --cond --guidance 2  # class-conditional, guidance trained in: still 1 NFE
 Outputs in --out (default outputs/<script name>/): results.png, samples.npz, metrics.json, checkpoint.pt.
 """
 import argparse
@@ -57,40 +64,50 @@ def sample_r_t(n, device, boundary_frac=0.7, r0_frac=0.2):
     return r, t, nb
 
 
-def meanflow_jvp(model, z, r, t, v):
+def meanflow_jvp(model, z, r, t, v, labels=None):
     """u(z, r, t) and its total derivative d/dt u = du/dz . v + du/dt: one batched forward-mode JVP
     with tangent (v, 0, 1). The model treats samples independently, so no per-sample vmap is needed.
     Weights enter as inputs with explicit zero tangents: the same result, and several times faster on
     CPU than letting torch.func treat them as constants (their implicit zero tangents broadcast slowly)."""
     weights = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     zeros = {k: torch.zeros_like(w) for k, w in weights.items()}
-    f = lambda w, z, r, t: torch.func.functional_call(model, w, (z, r, t))  # noqa: E731
+    f = lambda w, z, r, t: torch.func.functional_call(model, w, (z, r, t), {"labels": labels})  # noqa: E731
     with warnings.catch_warnings():                        # torch.func.jvp's first call: "torch.jit.script
         warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated")  # is deprecated"
         return torch.func.jvp(f, (weights, z, r, t), (zeros, v, torch.zeros_like(r), torch.ones_like(t)))
 
 
-def imf_loss(model, x, e, boundary_frac=0.7, r0_frac=0.2):
-    """iMF loss ||u(z_t, r, t) + (t - r) sg(d/dt u) - (e - x)||^2 with v_theta = u(z_t, t, t) as tangent."""
+def imf_loss(model, x, e, labels=None, guidance=1.0, boundary_frac=0.7, r0_frac=0.2):
+    """iMF loss ||u(z_t, r, t) + (t - r) sg(d/dt u) - v_tgt||^2 with v_theta = u(z_t, t, t) as tangent and
+    v_tgt = e - x; with labels and guidance w != 1, MeanFlow's guided target w (e - x) + (1 - w) sg(v(z_t, t | no
+    label)) for the labelled rows (rows whose label was dropped keep e - x)."""
     r, t, nb = sample_r_t(len(x), x.device, boundary_frac, r0_frac)
     tb = t.view(-1, *[1] * (x.dim() - 1))
     z = (1 - tb) * x + tb * e                               # z_t = (1 - t) x + t e
-    u = model(z, r, t)                                      # u_theta(z_t, r, t), trained
+    u = model(z, r, t, labels=labels)                       # u_theta(z_t, r, t | label), trained
     with torch.no_grad():                                   # sg(.): no graph for the JVP term, which
         zj, rj, tj = z[nb:], r[nb:], t[nb:]                 # vanishes on the boundary r = t: skip it there
-        v_theta = model(zj, tj, tj)                         # boundary condition: v(z, t) = u(z, t, t)
-        _, dudt = meanflow_jvp(model, zj, rj, tj, v_theta)  # d/dt u along the tangent (v_theta, 0, 1)
+        lj = None if labels is None else labels[nb:]
+        v_theta = model(zj, tj, tj, labels=lj)              # boundary condition: v(z, t) = u(z, t, t)
+        _, dudt = meanflow_jvp(model, zj, rj, tj, v_theta, lj)  # d/dt u along the tangent (v_theta, 0, 1)
+        target = e - x                                      # the conditional velocity
+        if labels is not None and guidance != 1:            # guided: w (e - x) + (1 - w) v(z_t, t | no label)
+            null = torch.full_like(labels, model.n_classes)
+            v_null = model(z, t, t, labels=null)
+            keep = (labels != null).view(-1, *tb.shape[1:])
+            target = torch.where(keep, guidance * target + (1 - guidance) * v_null, target)
     V = torch.cat([u[:nb], u[nb:] + (tj - rj).view(-1, *tb.shape[1:]) * dudt])  # compound V_theta
-    return ((V - (e - x)) ** 2).mean()                      # regress the conditional velocity e - x
+    return ((V - target) ** 2).mean()                       # regress the (guided) velocity
 
 
 @torch.no_grad()
-def sample(model, e, nfe):
-    """nfe equal steps from t = 1 to 0 with z_r = z_t - (t - r) u(z_t, r, t); nfe = 1 is x = e - u(e, 0, 1)."""
+def sample(model, e, nfe, labels=None):
+    """nfe equal steps from t = 1 to 0 with z_r = z_t - (t - r) u(z_t, r, t); nfe = 1 is x = e - u(e, 0, 1).
+    Guidance, if any, was trained into u: one network evaluation per step, with or without labels."""
     z, ts = e, torch.linspace(1.0, 0.0, nfe + 1, device=e.device)
     for i in range(nfe):
         t, r = ts[i].expand(len(e)), ts[i + 1].expand(len(e))
-        z = z - (ts[i] - ts[i + 1]) * model(z, r, t)
+        z = z - (ts[i] - ts[i + 1]) * model(z, r, t, labels=labels)
     return z
 
 
@@ -108,21 +125,36 @@ class TimeEmbedding(nn.Module):
         return torch.cat([angles.sin(), angles.cos()], dim=-1)
 
 
-class ResMLP(nn.Module):
-    """Residual MLP for 2D data, conditioned on n_times scalar times: forward(z, *times)."""
+def embed_inputs(net, times, labels):
+    """The times' sinusoidal embeddings and, for a class-conditional net, its label embedding (labels None:
+    the extra "no label" index n_classes, which --label-drop trains), concatenated."""
+    parts = [net.embed(t) for t in times]
+    if net.n_classes:
+        if labels is None:
+            labels = torch.full((len(times[0]),), net.n_classes, dtype=torch.long, device=times[0].device)
+        parts.append(net.label(labels))
+    return torch.cat(parts, dim=-1)
 
-    def __init__(self, dim=2, n_times=1, hidden=128, depth=3, emb=64):
+
+class ResMLP(nn.Module):
+    """Residual MLP for 2D data, conditioned on n_times scalar times and optionally a class label:
+    forward(z, *times, labels=None)."""
+
+    def __init__(self, dim=2, n_times=1, hidden=128, depth=3, emb=64, n_classes=0):
         super().__init__()
-        self.embed = TimeEmbedding(emb)
-        self.cond = nn.Sequential(nn.Linear(n_times * emb, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        self.embed, self.n_classes = TimeEmbedding(emb), n_classes
+        if n_classes:
+            self.label = nn.Embedding(n_classes + 1, emb)   # index n_classes: no label
+        self.cond = nn.Sequential(nn.Linear((n_times + (n_classes > 0)) * emb, hidden), nn.SiLU(),
+                                  nn.Linear(hidden, hidden))
         self.inp = nn.Linear(dim, hidden)
         self.blocks = nn.ModuleList(
             nn.Sequential(nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
             for _ in range(depth))
         self.out = nn.Sequential(nn.SiLU(), nn.Linear(hidden, dim))
 
-    def forward(self, z, *times):
-        c = self.cond(torch.cat([self.embed(t) for t in times], dim=-1))
+    def forward(self, z, *times, labels=None):
+        c = self.cond(embed_inputs(self, times, labels))
         h = self.inp(z)
         for block in self.blocks:
             h = h + block(h + c)
@@ -130,12 +162,16 @@ class ResMLP(nn.Module):
 
 
 class SmallUNet(nn.Module):
-    """Two-level U-Net for small images (8x8 digits, 28x28 MNIST), conditioned on n_times times."""
+    """Two-level U-Net for small images (C channels, any even height and width: 8x8 digits, 28x28 MNIST),
+    conditioned on n_times times and optionally a class label: forward(z, *times, labels=None)."""
 
-    def __init__(self, in_ch=1, n_times=1, ch=32, emb=64):
+    def __init__(self, in_ch=1, n_times=1, ch=32, emb=64, n_classes=0):
         super().__init__()
-        self.embed = TimeEmbedding(emb)
-        self.cond = nn.Sequential(nn.Linear(n_times * emb, 4 * ch), nn.SiLU(), nn.Linear(4 * ch, 3 * ch))
+        self.embed, self.n_classes = TimeEmbedding(emb), n_classes
+        if n_classes:
+            self.label = nn.Embedding(n_classes + 1, emb)   # index n_classes: no label
+        self.cond = nn.Sequential(nn.Linear((n_times + (n_classes > 0)) * emb, 4 * ch), nn.SiLU(),
+                                  nn.Linear(4 * ch, 3 * ch))
         self.in1 = nn.Conv2d(in_ch, ch, 3, padding=1)
         self.in2 = nn.Conv2d(ch, ch, 3, padding=1)
         self.down = nn.Conv2d(ch, 2 * ch, 4, stride=2, padding=1)
@@ -146,8 +182,8 @@ class SmallUNet(nn.Module):
         self.out2 = nn.Conv2d(ch, in_ch, 3, padding=1)
         self.ch = ch
 
-    def forward(self, z, *times):
-        c = self.cond(torch.cat([self.embed(t) for t in times], dim=-1))[:, :, None, None]
+    def forward(self, z, *times, labels=None):
+        c = self.cond(embed_inputs(self, times, labels))[:, :, None, None]
         c1, c2 = c[:, :self.ch], c[:, self.ch:]
         h1 = F.silu(self.in2(F.silu(self.in1(z))) + c1)
         d = F.silu(self.down(h1))
@@ -156,11 +192,25 @@ class SmallUNet(nn.Module):
         return self.out2(F.silu(self.out1(torch.cat([u, h1], dim=1))))
 
 
-def make_model(shape, n_times, hidden=64, depth=3, channels=32):
-    """A residual MLP for 2D points, a small U-Net for images (C, H, W); forward(z, *times)."""
+def make_model(shape, n_times, hidden=64, depth=3, channels=32, n_classes=0):
+    """A residual MLP for 2D points, a small U-Net for images (C, H, W); forward(z, *times, labels=None).
+    n_classes > 0: class-conditional, with a label embedding of n_classes + 1 entries (the last: no label)."""
     if len(shape) == 1:
-        return ResMLP(shape[0], n_times, hidden, depth)
-    return SmallUNet(shape[0], n_times, channels)
+        return ResMLP(shape[0], n_times, hidden, depth, n_classes=n_classes)
+    if shape[1] % 2 or shape[2] % 2:
+        raise RunError(f"the U-Net needs an even image height and width, got {shape[1]}x{shape[2]}")
+    return SmallUNet(shape[0], n_times, channels, n_classes=n_classes)
+
+
+def guided(model, z, times, labels=None, w=1.0):
+    """The network at (z, *times) for these labels (None: unconditional). With w != 1, classifier-free guidance
+    out(no label) + w (out(label) - out(no label)): two network evaluations, made as one batched call."""
+    if labels is None or w == 1:
+        return model(z, *times, labels=labels)
+    null = torch.full_like(labels, model.n_classes)
+    out = model(torch.cat([z, z]), *[torch.cat([t, t]) for t in times], labels=torch.cat([null, labels]))
+    uncond, cond = out.chunk(2)
+    return uncond + w * (cond - uncond)
 
 
 # --- data ---
@@ -173,82 +223,93 @@ class RunError(Exception):
 # constants to about zero mean and unit variance; held-out and floor sets come from other seeds.
 TOY_DATA = ["moons", "8gaussians", "checkerboard", "spirals", "circles"]
 IMAGE_DATA = ["digits", "mnist"]
+N_CLASSES = {"moons": 2, "circles": 2, "spirals": 2, "8gaussians": 8, "digits": 10, "mnist": 10}  # for --cond
 TOY_CENTER_SCALE = {"moons": ([0.5, 0.25], [0.87, 0.5]), "8gaussians": ([0.0, 0.0], [1.5, 1.5]),
                     "checkerboard": ([0.0, 0.0], [1.15, 1.15]), "spirals": ([0.0, 0.0], [1.6, 1.6]),
                     "circles": ([0.0, 0.0], [0.56, 0.56])}
 
 
 def toy_points(name, n, rng):
-    """n points of a 2D toy in its own (unnormalised) coordinates, from the numpy Generator rng."""
+    """n points of a 2D toy in its own (unnormalised) coordinates, from the numpy Generator rng, and their
+    labels: the moon, the circle, the spiral arm, the Gaussian (checkerboard: none, -1)."""
     from sklearn.datasets import make_circles, make_moons
     if name == "moons":
-        return make_moons(n, noise=0.05, random_state=int(rng.integers(2**31)))[0]
+        return make_moons(n, noise=0.05, random_state=int(rng.integers(2**31)))
     if name == "circles":
-        return make_circles(n, factor=0.5, noise=0.05, random_state=int(rng.integers(2**31)))[0]
+        return make_circles(n, factor=0.5, noise=0.05, random_state=int(rng.integers(2**31)))
     if name == "8gaussians":
-        angles = rng.integers(8, size=n) * (np.pi / 4)
-        return 2.0 * np.stack([np.cos(angles), np.sin(angles)], 1) + 0.15 * rng.standard_normal((n, 2))
+        k = rng.integers(8, size=n)
+        angles = k * (np.pi / 4)
+        return 2.0 * np.stack([np.cos(angles), np.sin(angles)], 1) + 0.15 * rng.standard_normal((n, 2)), k
     if name == "checkerboard":
         x1 = rng.uniform(-2, 2, n)
         x2 = rng.uniform(0, 1, n) - 2 * rng.integers(2, size=n) + np.floor(x1) % 2
-        return np.stack([x1, x2], 1)
+        return np.stack([x1, x2], 1), np.full(n, -1)
     if name == "spirals":
         s = np.sqrt(rng.uniform(0, 1, n)) * 3 * np.pi
-        sign = np.where(rng.integers(2, size=n) == 0, 1.0, -1.0)[:, None]
+        k = rng.integers(2, size=n)
+        sign = np.where(k == 0, 1.0, -1.0)[:, None]
         pts = sign * np.stack([-np.cos(s) * s, np.sin(s) * s], 1) / 4
-        return pts + 0.08 * rng.standard_normal((n, 2))
+        return pts + 0.08 * rng.standard_normal((n, 2)), k
     raise ValueError(f"unknown toy dataset {name!r}")
 
 
 def load_images(name, data_dir):
-    """(train, train labels, heldout): images as float tensors (N, 1, H, W) in [0, 1], labels as int64."""
+    """(train, train labels, heldout, heldout labels): images as float tensors (N, C, H, W) in [0, 1], labels
+    as int64 tensors."""
     if name == "digits":
         from sklearn.datasets import load_digits
         digits = load_digits()
         x, y = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0, torch.tensor(digits.target).long()
         perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(1234))
-        return x[perm[360:]], y[perm[360:]], x[perm[:360]]
+        return x[perm[360:]], y[perm[360:]], x[perm[:360]], y[perm[:360]]
     try:
         from torchvision.datasets import MNIST
         train, test = MNIST(data_dir, train=True, download=True), MNIST(data_dir, train=False, download=True)
     except Exception as err:  # no network, bad files, ...
         raise RunError(f"could not load MNIST from {data_dir!r} ({type(err).__name__}: {err}); "
                        "try --data digits, which works offline") from None
-    return train.data[:, None].float() / 255.0, train.targets.long(), test.data[:2000, None].float() / 255.0
+    return (train.data[:, None].float() / 255.0, train.targets.long(), test.data[:2000, None].float() / 255.0,
+            test.targets[:2000].long())
 
 
 class Data:
-    """Training batches in model coordinates, held-out samples in data coordinates."""
+    """Training batches in model coordinates, held-out samples (and labels) in data coordinates. The floor
+    sets are real sets the size of the held-out one: one for the toys, five training subsets for images."""
 
     def __init__(self, name, data_dir, seed, device, n_eval):
         self.name, self.device, self.data_dir = name, device, data_dir
         self.rng = np.random.default_rng(seed)
+        self.n_classes = N_CLASSES.get(name, 0)
         if name in TOY_DATA:
             self.shape = (2,)
-            self.pool = torch.tensor(toy_points(name, 2**16, self.rng), dtype=torch.float32)
+            pool, labels = toy_points(name, 2**16, self.rng)
+            self.pool, self.labels = torch.tensor(pool, dtype=torch.float32), torch.tensor(labels).long()
             center, scale = TOY_CENTER_SCALE[name]
             self.center, self.scale = torch.tensor(center), torch.tensor(scale)
-            self.heldout = toy_points(name, n_eval, np.random.default_rng(seed + 1000)).astype(np.float32)
-            self.floor_set = toy_points(name, n_eval, np.random.default_rng(seed + 2000)).astype(np.float32)
+            heldout, self.heldout_labels = toy_points(name, n_eval, np.random.default_rng(seed + 1000))
+            self.heldout = heldout.astype(np.float32)
+            self.floor_sets = [toy_points(name, n_eval, np.random.default_rng(seed + 2000))[0].astype(np.float32)]
         else:
-            train, self.train_labels, heldout = load_images(name, data_dir)
+            train, self.labels, heldout, heldout_labels = load_images(name, data_dir)
             self.shape = tuple(train.shape[1:])
             self.train = (2 * train - 1).to(device)  # model coordinates [-1, 1]
             n = min(n_eval, len(heldout))
             g = torch.Generator().manual_seed(seed + 2000)
-            self.heldout = heldout[:n].reshape(n, -1).numpy()
-            self.floor_set = train[torch.randperm(len(train), generator=g)[:n]].reshape(n, -1).numpy()
+            self.heldout, self.heldout_labels = heldout[:n].reshape(n, -1).numpy(), heldout_labels[:n].numpy()
+            self.floor_sets = [train[torch.randperm(len(train), generator=g)[:n]].reshape(n, -1).numpy()
+                               for _ in range(5)]   # FD of a few hundred images moves a lot between subsets
         self.n_eval = len(self.heldout)
         if self.n_eval < 2:
             raise RunError("--n-eval must be at least 2: the quality number compares sets of samples")
 
     def draw(self, n):
-        """A training batch of n samples in model coordinates, on the device."""
+        """A training batch of n samples in model coordinates and their labels (int64), on the device."""
         if self.shape == (2,):
-            x = self.pool[torch.from_numpy(self.rng.integers(len(self.pool), size=n))]
-            return ((x - self.center) / self.scale).to(self.device)
-        idx = torch.from_numpy(self.rng.integers(len(self.train), size=n)).to(self.device)
-        return self.train[idx]
+            idx = torch.from_numpy(self.rng.integers(len(self.pool), size=n))
+            return ((self.pool[idx] - self.center) / self.scale).to(self.device), self.labels[idx].to(self.device)
+        idx = torch.from_numpy(self.rng.integers(len(self.train), size=n))
+        return self.train[idx.to(self.device)], self.labels[idx].to(self.device)
 
     def to_data(self, x):
         """Model coordinates -> data coordinates (toy units, or images in [0, 1]) as a numpy array."""
@@ -333,6 +394,13 @@ def set_rng_state(state, rngs):
         g.bit_generator.state = s
 
 
+def drop_labels(labels, p, n_classes):
+    """For classifier-free guidance: each label becomes the "no label" index n_classes with probability p."""
+    if labels is None or p == 0:
+        return labels
+    return torch.where(torch.rand(len(labels), device=labels.device) < p, n_classes, labels)
+
+
 def train(model, loss_fn, draw, steps, lr, ckpt_path, config, device, resume=False, ema_decay=0.999,
           ckpt_every=2000, rngs=(), desc="train"):
     """Adam on loss_fn(model, *draw()) with an EMA copy of the weights for sampling. Saves ckpt_path every
@@ -364,8 +432,7 @@ def train(model, loss_fn, draw, steps, lr, ckpt_path, config, device, resume=Fal
     try:
         while step < steps:
             snapshot = rng_state(rngs)                     # a step interrupted half-way restarts from here
-            x, e = draw()
-            loss = loss_fn(model, x, e)
+            loss = loss_fn(model, *draw())                 # draw(): (x, e, labels or None)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             for group in opt.param_groups:
@@ -476,7 +543,7 @@ def image_classifier(data, seed=0):
                 print(f"note: cannot read {path} ({type(err).__name__}); training the classifier again")
             torch.manual_seed(seed)                            # the same classifier as a first run's
             net = FeatureNet(data.shape[0])
-        x, y = ((data.train + 1) / 2).cpu(), data.train_labels
+        x, y = ((data.train + 1) / 2).cpu(), data.labels
         opt = torch.optim.Adam(net.parameters(), lr=2e-3)
         for _ in range(steps):
             i = torch.randint(len(x), (128,))
@@ -502,9 +569,21 @@ def frechet_distance(f1, f2):
     return float(((f1.mean(0) - f2.mean(0)) ** 2).sum() + np.trace(c1 + c2 - 2 * root))
 
 
-def report(samples, data):
-    """Each sampler setting against held-out real data, next to the floor of a real set of the same size:
-    exact W2 for 2D data, the Frechet distance in a digit classifier's features (FD) for images."""
+def classify(x, data):
+    """Predicted class of each sample (data coordinates): the image classifier's, or for 2D points the label
+    of the nearest held-out real point."""
+    if data.shape == (2,):
+        a, b = torch.as_tensor(np.asarray(x), dtype=torch.float32), torch.as_tensor(data.heldout)
+        return data.heldout_labels[torch.cdist(a, b).argmin(1).numpy()]
+    with torch.no_grad():
+        x = torch.as_tensor(np.asarray(x), dtype=torch.float32).reshape(-1, *data.shape)
+        return image_classifier(data)(x).argmax(1).numpy()
+
+
+def report(samples, data, labels=None):
+    """Each sampler setting against held-out real data, next to the floor of real sets of the same size: exact
+    W2 for 2D data, the Frechet distance in a digit classifier's features (FD) for images. labels: the classes
+    a conditional run asked for (one per sample); then also the share of samples classified as asked."""
     if data.shape == (2,):
         name, distance = "W2", w2_distance
         prepare = lambda x: x  # noqa: E731
@@ -515,28 +594,42 @@ def report(samples, data):
             with torch.no_grad():
                 return net.features(torch.as_tensor(np.asarray(x), dtype=torch.float32).reshape(-1, *data.shape))
     real = prepare(data.heldout)
-    floor = distance(prepare(data.floor_set), real)
+    floor = float(np.mean([distance(prepare(f), real) for f in data.floor_sets]))
     m = name.lower()
     metrics = {"metric": name, f"{m}_floor": round(floor, 5), "n_eval": data.n_eval}
     for key, x in samples.items():
         d = distance(prepare(x), real)
         metrics[f"{m}_{key}"], metrics[f"ratio_{key}"] = round(d, 5), round(d / floor, 3)
         metrics[f"{m}_ratio_{key}"] = metrics[f"ratio_{key}"]
-        print(f"{key:>12}  {name} {d:.4f}  floor {floor:.4f}  ({d / floor:.2f}x)")
+        acc = ""
+        if labels is not None:
+            metrics[f"accuracy_{key}"] = round(float((classify(x, data) == labels).mean()), 4)
+            acc = f"  accuracy {metrics[f'accuracy_{key}']:.3f}"
+        print(f"{key:>12}  {name} {d:.4f}  floor {floor:.4f}  ({d / floor:.2f}x){acc}")
     return metrics
 
 
-def save_results(out, samples, data, metrics):
-    np.savez(os.path.join(out, "samples.npz"), real=data.heldout.reshape(-1, *data.shape), **samples)
+def save_results(out, samples, data, metrics, labels=None):
+    """samples.npz (each sampler's samples, the held-out `real` ones, and the requested `labels` of a
+    conditional run) and metrics.json."""
+    extra = {} if labels is None else {"labels": labels}
+    np.savez(os.path.join(out, "samples.npz"), real=data.heldout.reshape(-1, *data.shape), **samples, **extra)
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
 
 
-def image_grid(x, shape, n=8):
-    """Up to n x n images of shape (C, H, W) in [0, 1] as one (H', W', 3) array with grey borders (any C)."""
+def image_grid(x, shape, n=8, labels=None):
+    """Up to n x n images of shape (C, H, W) in [0, 1] as one (H', W', 3) array with grey borders (any C);
+    with labels, one row of n images per class instead (row k: class k)."""
     from torchvision.utils import make_grid
-    n = max(1, min(n, int(np.sqrt(len(x)))))
-    x = torch.as_tensor(np.asarray(x[: n * n]), dtype=torch.float32).reshape(-1, *shape)
+    if labels is not None:                         # row k: the first n samples asked to be class k
+        blank = np.full_like(np.asarray(x[0]), 0.5)  # (grey where there are fewer)
+        x = np.stack([x[i] if i is not None else blank for k in range(int(labels.max()) + 1)
+                      for i in (list(np.flatnonzero(labels == k)[:n]) + [None] * n)[:n]])
+    else:
+        n = max(1, min(n, int(np.sqrt(len(x)))))
+        x = x[: n * n]
+    x = torch.as_tensor(np.asarray(x), dtype=torch.float32).reshape(-1, *shape)
     return make_grid(x, nrow=n, padding=1, pad_value=0.5).permute(1, 2, 0).clamp(0, 1).numpy()
 
 
@@ -547,7 +640,8 @@ def angle_colors(e):
 
 def plot_panels(path, title, data, rows):
     """Save a figure with one row of panels per list in rows. A panel is
-    ("real", label): the held-out data;  ("samples", x, label): 2D points, or an image grid;
+    ("real", label): the held-out data;  ("samples", x, label[, labels]): 2D points, or an image grid (with
+    the classes a conditional run asked for: coloured by class, or one image row per class);
     ("paths", p, label, colors): 2D paths p[i, k] from p[i, 0] (t = 1) to p[i, -1] (t = 0);
     ("losses", {name: curve}, label): loss curves, one stage after another;  ("text", note);  None: empty."""
     import matplotlib.pyplot as plt
@@ -561,11 +655,13 @@ def plot_panels(path, title, data, rows):
         kind = panel[0] if panel else None
         if kind in ("real", "samples"):
             x = data.heldout if kind == "real" else panel[1]
+            y = panel[3] if kind == "samples" and len(panel) > 3 else None
             if data.shape == (2,):
-                ax.scatter(x[:, 0], x[:, 1], s=2, alpha=0.4, color="C0" if kind == "real" else "C1")
+                ax.scatter(x[:, 0], x[:, 1], s=2, alpha=0.4, c="C0" if kind == "real" else "C1" if y is None
+                           else [f"C{k % 10}" for k in y])
                 ax.set_xlim(lo[0], hi[0]), ax.set_ylim(lo[1], hi[1])
             else:
-                ax.imshow(image_grid(x, data.shape))
+                ax.imshow(image_grid(x, data.shape, labels=y))
                 ax.set_xticks([]), ax.set_yticks([])
         elif kind == "paths":
             p, colors = panel[1], panel[3]
@@ -626,31 +722,62 @@ def fraction(s):
     return v
 
 
+# Defaults per dataset for the flags not given on the command line (mnist: sized for a GPU; README for a CPU).
+DEFAULTS = {"toys": {"steps": 3600, "batch_size": 512, "lr": 5e-3, "channels": 32},
+            "digits": {"steps": 4000, "batch_size": 128, "lr": 2e-3, "channels": 16},
+            "mnist": {"steps": 20000, "batch_size": 128, "lr": 1e-3, "channels": 32}}
+
+
+def per_data(key):
+    return "default: " + ", ".join(f"{v[key]:g} on {k}" for k, v in DEFAULTS.items())
+
+
+def check_cond_args(p, args):
+    if args.cond and args.data not in N_CLASSES:
+        p.error(f"--cond needs data with labels ({', '.join(N_CLASSES)}); {args.data} has none")
+    if args.guidance != 1 and not (args.cond and args.label_drop > 0):
+        p.error("--guidance needs --cond and --label-drop > 0 (guidance uses the model without a label)")
+
+
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", default="moons", choices=TOY_DATA + IMAGE_DATA, help="dataset")
     p.add_argument("--data-dir", default="data", help="where MNIST is stored / downloaded")
-    p.add_argument("--steps", type=positive_int, default=3600, help="training steps")
-    p.add_argument("--batch-size", type=positive_int, default=512, help="batch size")
-    p.add_argument("--lr", type=positive_float, default=5e-3, help="Adam learning rate")
+    p.add_argument("--steps", type=positive_int, default=argparse.SUPPRESS,
+                   help=f"training steps ({per_data('steps')})")
+    p.add_argument("--batch-size", type=positive_int, default=argparse.SUPPRESS,
+                   help=f"batch size ({per_data('batch_size')})")
+    p.add_argument("--lr", type=positive_float, default=argparse.SUPPRESS,
+                   help=f"Adam learning rate ({per_data('lr')})")
     p.add_argument("--ema", type=fraction, default=0.999, help="EMA decay of the weights used for sampling; capped by "
                         "(1 + step) / (10 + step), which at 0.999 binds for the first ~9000 steps")
     p.add_argument("--hidden", type=positive_int, default=64, help="width of the 2D residual MLP")
     p.add_argument("--depth", type=positive_int, default=3, help="residual blocks of the 2D MLP")
-    p.add_argument("--channels", type=positive_int, default=32, help="base channels of the image U-Net")
+    p.add_argument("--channels", type=positive_int, default=argparse.SUPPRESS,
+                   help=f"base channels of the image U-Net ({per_data('channels')})")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="device")
     p.add_argument("--seed", type=nonnegative_int, default=0, help="random seed")
     p.add_argument("--out", default=None, help=f"output folder (default outputs/{SCRIPT})")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out, on its lr schedule")
     p.add_argument("--n-eval", type=positive_int, default=2000, help="samples for the quality number (W2 or FD)")
     p.add_argument("--ckpt-every", type=positive_int, default=2000, help="checkpoint interval in steps")
+    p.add_argument("--cond", action="store_true", help="class-conditional model: " + ", ".join(
+                   f"{k} ({n} classes)" for k, n in N_CLASSES.items()))
+    p.add_argument("--label-drop", type=fraction, default=0.1,
+                   help="with --cond: share of training labels replaced by 'no label' (guidance needs it)")
+    p.add_argument("--guidance", type=positive_float, default=1.0, help="with --cond: classifier-free guidance "
+                   "weight W, v = v(no label) + W (v(label) - v(no label)), 1 = none; "
+                   "folded into the training target (MeanFlow's), so one step stays one network evaluation")
     # the method's own flags
     p.add_argument("--boundary-frac", type=fraction, default=0.7,
                    help="fraction of the batch with r = t (plain flow matching on u(z, t, t))")
     p.add_argument("--r0-frac", type=fraction, default=0.2,
                    help="fraction with r = 0, t ~ U(0, 1]: the slice whose corner (0, 1) 1-NFE sampling uses")
     args = p.parse_args(argv)
+    for key, value in DEFAULTS["toys" if args.data in TOY_DATA else args.data].items():
+        vars(args).setdefault(key, value)
+    check_cond_args(p, args)
     if args.boundary_frac + args.r0_frac > 1:
         p.error("--boundary-frac + --r0-frac must be at most 1")
     args.out = args.out or os.path.join("outputs", SCRIPT)
@@ -660,7 +787,8 @@ def get_args(argv=None):
 def run_config(args):
     """The settings a checkpoint must share with this run to be resumed."""
     return {"script": SCRIPT, "data": args.data, "hidden": args.hidden, "depth": args.depth,
-            "channels": args.channels, "boundary_frac": args.boundary_frac, "r0_frac": args.r0_frac}
+            "channels": args.channels, "boundary_frac": args.boundary_frac, "r0_frac": args.r0_frac,
+            "cond": args.cond, "label_drop": args.label_drop if args.cond else 0, "guidance": args.guidance}
 
 
 # --- main ---
@@ -669,37 +797,42 @@ def run(args, argv):
     torch.manual_seed(args.seed)
     os.makedirs(args.out, exist_ok=True)
     data = Data(args.data, args.data_dir, args.seed, device, args.n_eval)
-    model = make_model(data.shape, 2, args.hidden, args.depth, args.channels).to(device)  # u_theta(z, r, t)
+    n_classes = data.n_classes if args.cond else 0
+    model = make_model(data.shape, 2, args.hidden, args.depth, args.channels, n_classes).to(device)  # u(z, r, t)
     ckpt_path = os.path.join(args.out, "checkpoint.pt")
     if not args.resume and os.path.exists(ckpt_path):
         print(f"note: starting over; {ckpt_path} will be replaced (use --resume to continue it)")
 
     def draw():
-        x = data.draw(args.batch_size)
-        return x, torch.randn_like(x)
+        x, y = data.draw(args.batch_size)
+        return x, torch.randn_like(x), drop_labels(y, args.label_drop, n_classes) if args.cond else None
 
-    loss_fn = lambda m, x, e: imf_loss(m, x, e, args.boundary_frac, args.r0_frac)  # noqa: E731
+    loss_fn = lambda m, x, e, y: imf_loss(m, x, e, y, args.guidance, args.boundary_frac, args.r0_frac)  # noqa: E731
     rngs = [data.rng]                                           # the numpy Generators draw() uses
     ema, info = train(model, loss_fn, draw, args.steps, args.lr, ckpt_path, run_config(args), device, args.resume,
                       args.ema, args.ckpt_every, rngs, desc=SCRIPT)
 
     e = eval_noise(data, args.seed + 3000, device)              # quasi-random for moons: see eval_noise
     ema.eval()
-    samples = {f"nfe{k}": data.to_data(sample(ema, e, k)) for k in (1, 2)}
-    print(f"iMF on {args.data}, {info['steps']} steps, {info['train_seconds']:.1f} s "
-          f"({info['ms_per_step']} ms/step), EMA weights:")
-    metrics = report(samples, data)
+    labels = data.heldout_labels if args.cond else None         # the classes asked for: the held-out set's
+    y = None if labels is None else torch.as_tensor(labels, device=device)
+    samples = {f"nfe{k}": data.to_data(sample(ema, e, k, y)) for k in (1, 2)}
+    print(f"iMF on {args.data}{' (class-conditional, guidance %g trained in)' % args.guidance if args.cond else ''}, "
+          f"{info['steps']} steps, {info['train_seconds']:.1f} s ({info['ms_per_step']} ms/step), EMA weights:")
+    metrics = report(samples, data, labels)
     metrics.update({k: v for k, v in info.items() if k != "losses"})
+    metrics["guidance"] = args.guidance if args.cond else None
     metrics["command"] = " ".join(["python", f"{SCRIPT}.py"] + (sys.argv[1:] if argv is None else list(argv)))
-    save_results(args.out, samples, data, metrics)
-    row = [("real", "real (held-out)")] + [("samples", x, f"{k}  {metrics['metric']} {metrics[f'ratio_{k}']:.2f}x")
-                                           for k, x in samples.items()]
+    save_results(args.out, samples, data, metrics, labels)
+    row = [("real", "real (held-out)")] + [("samples", x, f"{k}  {metrics['metric']} {metrics[f'ratio_{k}']:.2f}x",
+                                            labels) for k, x in samples.items()]
     if data.shape == (2,):
         paths = np.stack([data.to_data(e[:300]), samples["nfe1"][:300]], axis=1)
         row.append(("paths", paths, "1-NFE: noise e -> e - u(e, 0, 1)", None))
     row.append(("losses", {"iMF": info["losses"]}, "training loss"))
-    plot_panels(os.path.join(args.out, "results.png"), f"improved MeanFlow on {args.data} ({info['steps']} steps)",
-                data, [row])
+    cond = f", class-conditional (one row per class), guidance {args.guidance:g}" if args.cond else ""
+    plot_panels(os.path.join(args.out, "results.png"),
+                f"improved MeanFlow on {args.data}{cond} ({info['steps']} steps)", data, [row])
     print(f"wrote {args.out}/results.png, samples.npz, metrics.json, checkpoint.pt")
     if info["interrupted"]:
         sys.exit(130)

@@ -22,6 +22,13 @@ Where this code departs from the papers:
     fm teacher (4000 steps) 1.58x; iMF teacher (--teacher imf --steps 2200, about as long) 2.51x.
   - iMF's (r, t) sampler (with its r = 0 slice) and plain squared loss are imf.py's: see its docstring.
 
+Class conditioning (--cond): a label embedding with one extra "no label" index, which --label-drop (0.1) trains
+  in stage 1. With --guidance W the pairs are simulated per label (balanced classes, as in the reflow-on-MNIST
+  notes) on the teacher's guided ODE: the fm teacher is guided at sampling, v = v(no label) + W (v(label) -
+  v(no label)), two network evaluations per step; --teacher imf has W in its training target (MeanFlow's
+  w (e - x) + (1 - w) sg(u(z_t, t, t | no label))). Stage 2 learns the guided coupling and samples without
+  guidance: one step is one network evaluation.
+
 Time convention (the whole collection): data x at t = 0, noise e at t = 1,
   z_t = (1 - t) * x + t * e,  v = dz_t/dt = e - x,  sampling runs from t = 1 down to t = 0.
   (Flow Matching / Rectified Flow papers put noise at t = 0: map their t to 1 - t; the Rectified Flow
@@ -29,8 +36,8 @@ Time convention (the whole collection): data x at t = 0, noise e at t = 1,
 
 Run:   python imf_reflow.py                  # moons: teacher, dopri5 pairs, iMF; about 1.5 minutes on a 2-core CPU
        python imf_reflow.py --teacher imf    # iMF teacher, as in the notes (see the README for both)
-       python imf_reflow.py --data digits --steps 2000 --reflow-steps 1000 --batch-size 128 --channels 16 --lr 2e-3
-       (8x8 digits, offline, ~5 min; half of it simulating the pairs)
+       python imf_reflow.py --data digits    # 8x8 digits, offline, about 2 minutes; defaults per dataset (--help)
+       python imf_reflow.py --data digits --cond --guidance 2  # pairs per label from the guided teacher
 Outputs in --out (default outputs/<script name>/): results.png, samples.npz, metrics.json, stage1.pt,
 pairs1.pt, stage2.pt, ... A later run reuses a stage or pairs file made with its settings from the same files.
 """
@@ -52,9 +59,10 @@ from tqdm import tqdm
 
 
 # --- method ---
-def velocity(model, z, t):
-    """The instantaneous velocity v(z, t) that the network gives, whose ODE makes the pairs."""
-    return model(z, t, t)                                   # the boundary u(z, t, t) = v(z, t)
+def velocity(model, z, t, labels=None, w=1.0):
+    """The instantaneous velocity v(z, t) that the network gives, whose ODE makes the pairs; for the labels
+    asked for, guided with weight w (w != 1: two network evaluations)."""
+    return guided(model, z, (t, t), labels, w)              # the boundary u(z, t, t) = v(z, t)
 
 
 def sample_r_t(n, device, boundary_frac=0.7, r0_frac=0.2):
@@ -69,71 +77,81 @@ def sample_r_t(n, device, boundary_frac=0.7, r0_frac=0.2):
     return r, t, nb
 
 
-def meanflow_jvp(model, z, r, t, v):
+def meanflow_jvp(model, z, r, t, v, labels=None):
     """u(z, r, t) and its total derivative d/dt u = du/dz . v + du/dt: one batched forward-mode JVP
     with tangent (v, 0, 1). The model treats samples independently, so no per-sample vmap is needed.
     Weights enter as inputs with explicit zero tangents: the same result, and several times faster on
     CPU than letting torch.func treat them as constants (their implicit zero tangents broadcast slowly)."""
     weights = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     zeros = {k: torch.zeros_like(w) for k, w in weights.items()}
-    f = lambda w, z, r, t: torch.func.functional_call(model, w, (z, r, t))  # noqa: E731
+    f = lambda w, z, r, t: torch.func.functional_call(model, w, (z, r, t), {"labels": labels})  # noqa: E731
     with warnings.catch_warnings():                        # torch.func.jvp's first call: "torch.jit.script
         warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated")  # is deprecated"
         return torch.func.jvp(f, (weights, z, r, t), (zeros, v, torch.zeros_like(r), torch.ones_like(t)))
 
 
-def imf_loss(model, x, e, boundary_frac=0.7, r0_frac=0.2):
-    """iMF loss ||u(z_t, r, t) + (t - r) sg(d/dt u) - (e - x)||^2 with v_theta = u(z_t, t, t) as tangent."""
+def imf_loss(model, x, e, labels=None, guidance=1.0, boundary_frac=0.7, r0_frac=0.2):
+    """iMF loss ||u(z_t, r, t) + (t - r) sg(d/dt u) - v_tgt||^2 with v_theta = u(z_t, t, t) as tangent and
+    v_tgt = e - x; with labels and guidance w != 1, MeanFlow's guided target w (e - x) + (1 - w) sg(v(z_t, t | no
+    label)) for the labelled rows (rows whose label was dropped keep e - x)."""
     r, t, nb = sample_r_t(len(x), x.device, boundary_frac, r0_frac)
     tb = t.view(-1, *[1] * (x.dim() - 1))
     z = (1 - tb) * x + tb * e                               # z_t = (1 - t) x + t e
-    u = model(z, r, t)                                      # u_theta(z_t, r, t), trained
+    u = model(z, r, t, labels=labels)                       # u_theta(z_t, r, t | label), trained
     with torch.no_grad():                                   # sg(.): no graph for the JVP term, which
         zj, rj, tj = z[nb:], r[nb:], t[nb:]                 # vanishes on the boundary r = t: skip it there
-        v_theta = model(zj, tj, tj)                         # boundary condition: v(z, t) = u(z, t, t)
-        _, dudt = meanflow_jvp(model, zj, rj, tj, v_theta)  # d/dt u along the tangent (v_theta, 0, 1)
+        lj = None if labels is None else labels[nb:]
+        v_theta = model(zj, tj, tj, labels=lj)              # boundary condition: v(z, t) = u(z, t, t)
+        _, dudt = meanflow_jvp(model, zj, rj, tj, v_theta, lj)  # d/dt u along the tangent (v_theta, 0, 1)
+        target = e - x                                      # the conditional velocity
+        if labels is not None and guidance != 1:            # guided: w (e - x) + (1 - w) v(z_t, t | no label)
+            null = torch.full_like(labels, model.n_classes)
+            v_null = model(z, t, t, labels=null)
+            keep = (labels != null).view(-1, *tb.shape[1:])
+            target = torch.where(keep, guidance * target + (1 - guidance) * v_null, target)
     V = torch.cat([u[:nb], u[nb:] + (tj - rj).view(-1, *tb.shape[1:]) * dudt])  # compound V_theta
-    return ((V - (e - x)) ** 2).mean()                      # regress the conditional velocity e - x
+    return ((V - target) ** 2).mean()                       # regress the (guided) velocity
 
 
 @torch.no_grad()
-def sample(model, e, nfe):
-    """nfe equal steps from t = 1 to 0 with z_r = z_t - (t - r) u(z_t, r, t); nfe = 1 is x = e - u(e, 0, 1)."""
+def sample(model, e, nfe, labels=None):
+    """nfe equal steps from t = 1 to 0 with z_r = z_t - (t - r) u(z_t, r, t); nfe = 1 is x = e - u(e, 0, 1).
+    Guidance, if any, was trained into u: one network evaluation per step, with or without labels."""
     z, ts = e, torch.linspace(1.0, 0.0, nfe + 1, device=e.device)
     for i in range(nfe):
         t, r = ts[i].expand(len(e)), ts[i + 1].expand(len(e))
-        z = z - (ts[i] - ts[i + 1]) * model(z, r, t)
+        z = z - (ts[i] - ts[i + 1]) * model(z, r, t, labels=labels)
     return z
 
 
-def fm_loss(model, x, e):
+def fm_loss(model, x, e, labels=None):
     """Flow-matching teacher (--teacher fm): only the boundary u(z_t, t, t) = v(z_t, t) is trained, no JVP."""
     t = torch.rand(len(x), device=x.device)
     tb = t.view(-1, *[1] * (x.dim() - 1))
     z = (1 - tb) * x + tb * e
-    return ((model(z, t, t) - (e - x)) ** 2).mean()
+    return ((model(z, t, t, labels=labels) - (e - x)) ** 2).mean()
 
 
 @torch.no_grad()
-def euler_sample(model, e, nfe):
-    """Fixed-step Euler from t = 1 to 0: z <- z + (t_next - t) v(z, t); nfe = 1 is x = e - v(e, 1)."""
-    z, ts = e, torch.linspace(1.0, 0.0, nfe + 1, device=e.device)
-    for i in range(nfe):
-        z = z + (ts[i + 1] - ts[i]) * velocity(model, z, ts[i].expand(len(e)))
+def euler_sample(model, e, steps, labels=None, w=1.0):
+    """Fixed-step Euler from t = 1 to 0: z <- z + (t_next - t) v(z, t); one step is x = e - v(e, 1)."""
+    z, ts = e, torch.linspace(1.0, 0.0, steps + 1, device=e.device)
+    for i in range(steps):
+        z = z + (ts[i + 1] - ts[i]) * velocity(model, z, ts[i].expand(len(e)), labels, w)
     return z
 
 
 @torch.no_grad()
-def ode_generate(model, e, rtol=1e-5, atol=1e-5, n_grid=1, time_dtype=None):
+def ode_generate(model, e, rtol=1e-5, atol=1e-5, n_grid=1, time_dtype=None, labels=None, w=1.0):
     """dopri5 (torchdiffeq) for dz/dt = v(z, t) from t = 1 to 0. Returns the states at n_grid + 1 equally
-    spaced times (path[0] = e, path[-1] = x_hat) and the number of function evaluations. dopri5's time
+    spaced times (path[0] = e, path[-1] = x_hat) and the number of network evaluations. dopri5's time
     is float64, or float32 on MPS (ode_time_dtype)."""
     from torchdiffeq import odeint
     nfe = [0]
 
     def f(t, z):
-        nfe[0] += 1
-        return velocity(model, z, t.expand(len(z)))
+        nfe[0] += 1 if labels is None or w == 1 else 2     # guidance: conditional and unconditional
+        return velocity(model, z, t.expand(len(z)), labels, w)
 
     dtype = time_dtype or ode_time_dtype(e.device)
     ts = torch.linspace(1.0, 0.0, n_grid + 1, device=e.device)
@@ -141,65 +159,74 @@ def ode_generate(model, e, rtol=1e-5, atol=1e-5, n_grid=1, time_dtype=None):
 
 
 @torch.no_grad()
-def straightness(model, path):
+def straightness(model, path, labels=None, w=1.0):
     """From an ODE path z(t_i), t_i = 1 ... 0: S = E int_0^1 ||(z_1 - z_0) - v(z_t, t)||^2 dt (Riemann sum;
     0 for straight paths) and the transport cost C = E ||z_0 - z_1||^2, with z_1 = e and z_0 = x_hat."""
     ts = torch.linspace(1.0, 0.0, len(path), device=path.device)
     line = path[0] - path[-1]
-    S = torch.stack([((line - velocity(model, z, t.expand(len(z)))) ** 2).flatten(1).sum(1)
+    S = torch.stack([((line - velocity(model, z, t.expand(len(z)), labels, w)) ** 2).flatten(1).sum(1)
                      for z, t in zip(path[:-1], ts[:-1])]).mean().item()
     return S, (line ** 2).flatten(1).sum(1).mean().item()
 
 
-def make_pairs(model, n, shape, seed, rtol=1e-5, atol=1e-5, chunk=4096):
-    """The coupling of a trained stage: n noise samples e and x_hat = ODE(e) by dopri5, in chunks.
-    Returns x_hat, e (on the CPU) and the number of function evaluations."""
+def make_pairs(model, n, shape, seed, rtol=1e-5, atol=1e-5, n_classes=0, w=1.0, chunk=4096):
+    """The coupling of a trained stage: n noise samples e and x_hat = ODE(e) by dopri5, in chunks; with
+    n_classes, per label (each class n / n_classes times) on the ODE guided with weight w. Returns x_hat, e,
+    the labels (None if unconditional; all on the CPU) and the number of network evaluations."""
     device = next(model.parameters()).device
     e = torch.randn(n, *shape, generator=torch.Generator().manual_seed(seed))
+    labels = torch.arange(n) % n_classes if n_classes else None
     x, nfe = [], 0
-    for part in tqdm(e.split(chunk), desc="pairs (dopri5)", mininterval=1.0):
-        path, k = ode_generate(model, part.to(device), rtol, atol)
+    for i, part in enumerate(tqdm(e.split(chunk), desc="pairs (dopri5)", mininterval=1.0)):
+        y = None if labels is None else labels[i * chunk:(i + 1) * chunk].to(device)
+        path, k = ode_generate(model, part.to(device), rtol, atol, labels=y, w=w)
         x.append(path[-1].cpu())
         nfe += k
-    return torch.cat(x), e, nfe
+    return torch.cat(x), e, labels, nfe
 
 
-def pair_sampler(x_hat, e, batch_size, seed):
-    """draw() for a stage trained on the pairs: random rows (x_hat, e); and the numpy Generator it uses."""
+def pair_sampler(x_hat, e, labels, batch_size, seed):
+    """draw() for a stage trained on the pairs: random rows (x_hat, e, label or None); and the numpy Generator
+    it uses."""
     rng = np.random.default_rng(seed)
 
     def draw():
         i = torch.from_numpy(rng.integers(len(x_hat), size=batch_size)).to(x_hat.device)
-        return x_hat[i], e[i]
+        return x_hat[i], e[i], None if labels is None else labels[i]
     return draw, rng
 
 
-def imf_reflow_recipe(teacher="fm", boundary_frac=0.7, r0_frac=0.2):
+def imf_reflow_recipe(teacher="fm", boundary_frac=0.7, r0_frac=0.2, guidance=1.0):
     """Stage 1, the teacher: flow matching on u(z, t, t), sampled with Euler steps of v (its u(z, r, t) for r < t
-    is untrained), or iMF; stage 2: iMF on the teacher's pairs, sampled with z_r = z_t - (t - r) u."""
-    imf = lambda m, x, e: imf_loss(m, x, e, boundary_frac, r0_frac)  # noqa: E731
-    return [(fm_loss, euler_sample) if teacher == "fm" else (imf, sample), (imf, sample)], None
+    is untrained), or iMF; stage 2: iMF on the teacher's pairs, sampled with z_r = z_t - (t - r) u. The third
+    entry is the guidance weight a stage samples with: the fm teacher is guided at sampling, the iMF teacher
+    has it in its target; the pairs come from the guided ODE, per label, so stage 2 needs none."""
+    imf = lambda w: lambda m, x, e, y: imf_loss(m, x, e, y, w, boundary_frac, r0_frac)  # noqa: E731
+    first = (fm_loss, euler_sample, guidance) if teacher == "fm" else (imf(guidance), sample, 1.0)
+    return [first, (imf(1.0), sample, 1.0)], None
 
 
 def train_stages(train_stage, get_pairs, draw_data, data_rngs, recipe, side=None, from_scratch=False,
                  batch_size=512, seed=0):
-    """recipe: one (loss_fn, few-step sampler) per stage. Stage 1 trains on independent (x ~ data, e ~ N(0, I));
-    then for k = 1, 2, ...: the pairs (x_hat, e) = (ODE_k(e), e) of stage k, and stage k + 1 on straight lines
-    between them, from stage k's weights (new ones with from_scratch). side = (name, loss_fn, sampler): one more
-    model on the last pairs. train_stage(name, loss_fn, draw, rngs, init) -> (model, finished);
-    get_pairs(k, model) -> (x_hat, e). Returns {name: (model, sampler)}."""
+    """recipe: one (loss_fn, few-step sampler, guidance weight) per stage. Stage 1 trains on independent
+    (x ~ data, e ~ N(0, I)); then for k = 1, 2, ...: the pairs (x_hat, e) = (ODE_k(e), e) of stage k (and their
+    labels), and stage k + 1 on straight lines between them, from stage k's weights (new ones with from_scratch).
+    side = (name, loss_fn, sampler, w): one more model on the last pairs. train_stage(name, loss_fn, draw, rngs,
+    init) -> (model, finished); get_pairs(k, model, w) -> (x_hat, e, labels). Returns {name: (model, sampler, w)}."""
     model, finished = train_stage("stage1", recipe[0][0], draw_data, data_rngs, None)
-    stages = {"stage1": (model, recipe[0][1])}
+    stages = {"stage1": (model, *recipe[0][1:])}
     for k in range(1, len(recipe)):
         if not finished:
             break
-        x_hat, e = get_pairs(k, stages[f"stage{k}"][0])
+        model, _, w = stages[f"stage{k}"]
+        x_hat, e, labels = get_pairs(k, model, w)
         jobs = [(f"stage{k + 1}", *recipe[k])] + ([side] if side and k == len(recipe) - 1 else [])
-        for name, loss_fn, sampler in jobs:
+        for name, loss_fn, sampler, w in jobs:
             torch.manual_seed(seed + 5000 + k)             # its own seed: the same stage whether or not the
-            draw, rng = pair_sampler(x_hat, e, batch_size, seed + 5000 + k)  # earlier ones were reused
-            model, finished = train_stage(name, loss_fn, draw, [rng], None if from_scratch else stages[f"stage{k}"][0])
-            stages[name] = (model, sampler)
+            draw, rng = pair_sampler(x_hat, e, labels, batch_size, seed + 5000 + k)  # earlier ones were reused
+            init = None if from_scratch else stages[f"stage{k}"][0]
+            model, finished = train_stage(name, loss_fn, draw, [rng], init)
+            stages[name] = (model, sampler, w)
             if not finished:
                 break
     return stages
@@ -219,21 +246,36 @@ class TimeEmbedding(nn.Module):
         return torch.cat([angles.sin(), angles.cos()], dim=-1)
 
 
-class ResMLP(nn.Module):
-    """Residual MLP for 2D data, conditioned on n_times scalar times: forward(z, *times)."""
+def embed_inputs(net, times, labels):
+    """The times' sinusoidal embeddings and, for a class-conditional net, its label embedding (labels None:
+    the extra "no label" index n_classes, which --label-drop trains), concatenated."""
+    parts = [net.embed(t) for t in times]
+    if net.n_classes:
+        if labels is None:
+            labels = torch.full((len(times[0]),), net.n_classes, dtype=torch.long, device=times[0].device)
+        parts.append(net.label(labels))
+    return torch.cat(parts, dim=-1)
 
-    def __init__(self, dim=2, n_times=1, hidden=128, depth=3, emb=64):
+
+class ResMLP(nn.Module):
+    """Residual MLP for 2D data, conditioned on n_times scalar times and optionally a class label:
+    forward(z, *times, labels=None)."""
+
+    def __init__(self, dim=2, n_times=1, hidden=128, depth=3, emb=64, n_classes=0):
         super().__init__()
-        self.embed = TimeEmbedding(emb)
-        self.cond = nn.Sequential(nn.Linear(n_times * emb, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        self.embed, self.n_classes = TimeEmbedding(emb), n_classes
+        if n_classes:
+            self.label = nn.Embedding(n_classes + 1, emb)   # index n_classes: no label
+        self.cond = nn.Sequential(nn.Linear((n_times + (n_classes > 0)) * emb, hidden), nn.SiLU(),
+                                  nn.Linear(hidden, hidden))
         self.inp = nn.Linear(dim, hidden)
         self.blocks = nn.ModuleList(
             nn.Sequential(nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
             for _ in range(depth))
         self.out = nn.Sequential(nn.SiLU(), nn.Linear(hidden, dim))
 
-    def forward(self, z, *times):
-        c = self.cond(torch.cat([self.embed(t) for t in times], dim=-1))
+    def forward(self, z, *times, labels=None):
+        c = self.cond(embed_inputs(self, times, labels))
         h = self.inp(z)
         for block in self.blocks:
             h = h + block(h + c)
@@ -241,12 +283,16 @@ class ResMLP(nn.Module):
 
 
 class SmallUNet(nn.Module):
-    """Two-level U-Net for small images (8x8 digits, 28x28 MNIST), conditioned on n_times times."""
+    """Two-level U-Net for small images (C channels, any even height and width: 8x8 digits, 28x28 MNIST),
+    conditioned on n_times times and optionally a class label: forward(z, *times, labels=None)."""
 
-    def __init__(self, in_ch=1, n_times=1, ch=32, emb=64):
+    def __init__(self, in_ch=1, n_times=1, ch=32, emb=64, n_classes=0):
         super().__init__()
-        self.embed = TimeEmbedding(emb)
-        self.cond = nn.Sequential(nn.Linear(n_times * emb, 4 * ch), nn.SiLU(), nn.Linear(4 * ch, 3 * ch))
+        self.embed, self.n_classes = TimeEmbedding(emb), n_classes
+        if n_classes:
+            self.label = nn.Embedding(n_classes + 1, emb)   # index n_classes: no label
+        self.cond = nn.Sequential(nn.Linear((n_times + (n_classes > 0)) * emb, 4 * ch), nn.SiLU(),
+                                  nn.Linear(4 * ch, 3 * ch))
         self.in1 = nn.Conv2d(in_ch, ch, 3, padding=1)
         self.in2 = nn.Conv2d(ch, ch, 3, padding=1)
         self.down = nn.Conv2d(ch, 2 * ch, 4, stride=2, padding=1)
@@ -257,8 +303,8 @@ class SmallUNet(nn.Module):
         self.out2 = nn.Conv2d(ch, in_ch, 3, padding=1)
         self.ch = ch
 
-    def forward(self, z, *times):
-        c = self.cond(torch.cat([self.embed(t) for t in times], dim=-1))[:, :, None, None]
+    def forward(self, z, *times, labels=None):
+        c = self.cond(embed_inputs(self, times, labels))[:, :, None, None]
         c1, c2 = c[:, :self.ch], c[:, self.ch:]
         h1 = F.silu(self.in2(F.silu(self.in1(z))) + c1)
         d = F.silu(self.down(h1))
@@ -267,11 +313,25 @@ class SmallUNet(nn.Module):
         return self.out2(F.silu(self.out1(torch.cat([u, h1], dim=1))))
 
 
-def make_model(shape, n_times, hidden=64, depth=3, channels=32):
-    """A residual MLP for 2D points, a small U-Net for images (C, H, W); forward(z, *times)."""
+def make_model(shape, n_times, hidden=64, depth=3, channels=32, n_classes=0):
+    """A residual MLP for 2D points, a small U-Net for images (C, H, W); forward(z, *times, labels=None).
+    n_classes > 0: class-conditional, with a label embedding of n_classes + 1 entries (the last: no label)."""
     if len(shape) == 1:
-        return ResMLP(shape[0], n_times, hidden, depth)
-    return SmallUNet(shape[0], n_times, channels)
+        return ResMLP(shape[0], n_times, hidden, depth, n_classes=n_classes)
+    if shape[1] % 2 or shape[2] % 2:
+        raise RunError(f"the U-Net needs an even image height and width, got {shape[1]}x{shape[2]}")
+    return SmallUNet(shape[0], n_times, channels, n_classes=n_classes)
+
+
+def guided(model, z, times, labels=None, w=1.0):
+    """The network at (z, *times) for these labels (None: unconditional). With w != 1, classifier-free guidance
+    out(no label) + w (out(label) - out(no label)): two network evaluations, made as one batched call."""
+    if labels is None or w == 1:
+        return model(z, *times, labels=labels)
+    null = torch.full_like(labels, model.n_classes)
+    out = model(torch.cat([z, z]), *[torch.cat([t, t]) for t in times], labels=torch.cat([null, labels]))
+    uncond, cond = out.chunk(2)
+    return uncond + w * (cond - uncond)
 
 
 # --- data ---
@@ -284,82 +344,93 @@ class RunError(Exception):
 # constants to about zero mean and unit variance; held-out and floor sets come from other seeds.
 TOY_DATA = ["moons", "8gaussians", "checkerboard", "spirals", "circles"]
 IMAGE_DATA = ["digits", "mnist"]
+N_CLASSES = {"moons": 2, "circles": 2, "spirals": 2, "8gaussians": 8, "digits": 10, "mnist": 10}  # for --cond
 TOY_CENTER_SCALE = {"moons": ([0.5, 0.25], [0.87, 0.5]), "8gaussians": ([0.0, 0.0], [1.5, 1.5]),
                     "checkerboard": ([0.0, 0.0], [1.15, 1.15]), "spirals": ([0.0, 0.0], [1.6, 1.6]),
                     "circles": ([0.0, 0.0], [0.56, 0.56])}
 
 
 def toy_points(name, n, rng):
-    """n points of a 2D toy in its own (unnormalised) coordinates, from the numpy Generator rng."""
+    """n points of a 2D toy in its own (unnormalised) coordinates, from the numpy Generator rng, and their
+    labels: the moon, the circle, the spiral arm, the Gaussian (checkerboard: none, -1)."""
     from sklearn.datasets import make_circles, make_moons
     if name == "moons":
-        return make_moons(n, noise=0.05, random_state=int(rng.integers(2**31)))[0]
+        return make_moons(n, noise=0.05, random_state=int(rng.integers(2**31)))
     if name == "circles":
-        return make_circles(n, factor=0.5, noise=0.05, random_state=int(rng.integers(2**31)))[0]
+        return make_circles(n, factor=0.5, noise=0.05, random_state=int(rng.integers(2**31)))
     if name == "8gaussians":
-        angles = rng.integers(8, size=n) * (np.pi / 4)
-        return 2.0 * np.stack([np.cos(angles), np.sin(angles)], 1) + 0.15 * rng.standard_normal((n, 2))
+        k = rng.integers(8, size=n)
+        angles = k * (np.pi / 4)
+        return 2.0 * np.stack([np.cos(angles), np.sin(angles)], 1) + 0.15 * rng.standard_normal((n, 2)), k
     if name == "checkerboard":
         x1 = rng.uniform(-2, 2, n)
         x2 = rng.uniform(0, 1, n) - 2 * rng.integers(2, size=n) + np.floor(x1) % 2
-        return np.stack([x1, x2], 1)
+        return np.stack([x1, x2], 1), np.full(n, -1)
     if name == "spirals":
         s = np.sqrt(rng.uniform(0, 1, n)) * 3 * np.pi
-        sign = np.where(rng.integers(2, size=n) == 0, 1.0, -1.0)[:, None]
+        k = rng.integers(2, size=n)
+        sign = np.where(k == 0, 1.0, -1.0)[:, None]
         pts = sign * np.stack([-np.cos(s) * s, np.sin(s) * s], 1) / 4
-        return pts + 0.08 * rng.standard_normal((n, 2))
+        return pts + 0.08 * rng.standard_normal((n, 2)), k
     raise ValueError(f"unknown toy dataset {name!r}")
 
 
 def load_images(name, data_dir):
-    """(train, train labels, heldout): images as float tensors (N, 1, H, W) in [0, 1], labels as int64."""
+    """(train, train labels, heldout, heldout labels): images as float tensors (N, C, H, W) in [0, 1], labels
+    as int64 tensors."""
     if name == "digits":
         from sklearn.datasets import load_digits
         digits = load_digits()
         x, y = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0, torch.tensor(digits.target).long()
         perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(1234))
-        return x[perm[360:]], y[perm[360:]], x[perm[:360]]
+        return x[perm[360:]], y[perm[360:]], x[perm[:360]], y[perm[:360]]
     try:
         from torchvision.datasets import MNIST
         train, test = MNIST(data_dir, train=True, download=True), MNIST(data_dir, train=False, download=True)
     except Exception as err:  # no network, bad files, ...
         raise RunError(f"could not load MNIST from {data_dir!r} ({type(err).__name__}: {err}); "
                        "try --data digits, which works offline") from None
-    return train.data[:, None].float() / 255.0, train.targets.long(), test.data[:2000, None].float() / 255.0
+    return (train.data[:, None].float() / 255.0, train.targets.long(), test.data[:2000, None].float() / 255.0,
+            test.targets[:2000].long())
 
 
 class Data:
-    """Training batches in model coordinates, held-out samples in data coordinates."""
+    """Training batches in model coordinates, held-out samples (and labels) in data coordinates. The floor
+    sets are real sets the size of the held-out one: one for the toys, five training subsets for images."""
 
     def __init__(self, name, data_dir, seed, device, n_eval):
         self.name, self.device, self.data_dir = name, device, data_dir
         self.rng = np.random.default_rng(seed)
+        self.n_classes = N_CLASSES.get(name, 0)
         if name in TOY_DATA:
             self.shape = (2,)
-            self.pool = torch.tensor(toy_points(name, 2**16, self.rng), dtype=torch.float32)
+            pool, labels = toy_points(name, 2**16, self.rng)
+            self.pool, self.labels = torch.tensor(pool, dtype=torch.float32), torch.tensor(labels).long()
             center, scale = TOY_CENTER_SCALE[name]
             self.center, self.scale = torch.tensor(center), torch.tensor(scale)
-            self.heldout = toy_points(name, n_eval, np.random.default_rng(seed + 1000)).astype(np.float32)
-            self.floor_set = toy_points(name, n_eval, np.random.default_rng(seed + 2000)).astype(np.float32)
+            heldout, self.heldout_labels = toy_points(name, n_eval, np.random.default_rng(seed + 1000))
+            self.heldout = heldout.astype(np.float32)
+            self.floor_sets = [toy_points(name, n_eval, np.random.default_rng(seed + 2000))[0].astype(np.float32)]
         else:
-            train, self.train_labels, heldout = load_images(name, data_dir)
+            train, self.labels, heldout, heldout_labels = load_images(name, data_dir)
             self.shape = tuple(train.shape[1:])
             self.train = (2 * train - 1).to(device)  # model coordinates [-1, 1]
             n = min(n_eval, len(heldout))
             g = torch.Generator().manual_seed(seed + 2000)
-            self.heldout = heldout[:n].reshape(n, -1).numpy()
-            self.floor_set = train[torch.randperm(len(train), generator=g)[:n]].reshape(n, -1).numpy()
+            self.heldout, self.heldout_labels = heldout[:n].reshape(n, -1).numpy(), heldout_labels[:n].numpy()
+            self.floor_sets = [train[torch.randperm(len(train), generator=g)[:n]].reshape(n, -1).numpy()
+                               for _ in range(5)]   # FD of a few hundred images moves a lot between subsets
         self.n_eval = len(self.heldout)
         if self.n_eval < 2:
             raise RunError("--n-eval must be at least 2: the quality number compares sets of samples")
 
     def draw(self, n):
-        """A training batch of n samples in model coordinates, on the device."""
+        """A training batch of n samples in model coordinates and their labels (int64), on the device."""
         if self.shape == (2,):
-            x = self.pool[torch.from_numpy(self.rng.integers(len(self.pool), size=n))]
-            return ((x - self.center) / self.scale).to(self.device)
-        idx = torch.from_numpy(self.rng.integers(len(self.train), size=n)).to(self.device)
-        return self.train[idx]
+            idx = torch.from_numpy(self.rng.integers(len(self.pool), size=n))
+            return ((self.pool[idx] - self.center) / self.scale).to(self.device), self.labels[idx].to(self.device)
+        idx = torch.from_numpy(self.rng.integers(len(self.train), size=n))
+        return self.train[idx.to(self.device)], self.labels[idx].to(self.device)
 
     def to_data(self, x):
         """Model coordinates -> data coordinates (toy units, or images in [0, 1]) as a numpy array."""
@@ -444,6 +515,13 @@ def set_rng_state(state, rngs):
         g.bit_generator.state = s
 
 
+def drop_labels(labels, p, n_classes):
+    """For classifier-free guidance: each label becomes the "no label" index n_classes with probability p."""
+    if labels is None or p == 0:
+        return labels
+    return torch.where(torch.rand(len(labels), device=labels.device) < p, n_classes, labels)
+
+
 def train(model, loss_fn, draw, steps, lr, ckpt_path, config, device, resume=False, ema_decay=0.999,
           ckpt_every=2000, rngs=(), desc="train"):
     """Adam on loss_fn(model, *draw()) with an EMA copy of the weights for sampling. Saves ckpt_path every
@@ -475,8 +553,7 @@ def train(model, loss_fn, draw, steps, lr, ckpt_path, config, device, resume=Fal
     try:
         while step < steps:
             snapshot = rng_state(rngs)                     # a step interrupted half-way restarts from here
-            x, e = draw()
-            loss = loss_fn(model, x, e)
+            loss = loss_fn(model, *draw())                 # draw(): (x, e, labels or None)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             for group in opt.param_groups:
@@ -587,7 +664,7 @@ def image_classifier(data, seed=0):
                 print(f"note: cannot read {path} ({type(err).__name__}); training the classifier again")
             torch.manual_seed(seed)                            # the same classifier as a first run's
             net = FeatureNet(data.shape[0])
-        x, y = ((data.train + 1) / 2).cpu(), data.train_labels
+        x, y = ((data.train + 1) / 2).cpu(), data.labels
         opt = torch.optim.Adam(net.parameters(), lr=2e-3)
         for _ in range(steps):
             i = torch.randint(len(x), (128,))
@@ -613,9 +690,21 @@ def frechet_distance(f1, f2):
     return float(((f1.mean(0) - f2.mean(0)) ** 2).sum() + np.trace(c1 + c2 - 2 * root))
 
 
-def report(samples, data):
-    """Each sampler setting against held-out real data, next to the floor of a real set of the same size:
-    exact W2 for 2D data, the Frechet distance in a digit classifier's features (FD) for images."""
+def classify(x, data):
+    """Predicted class of each sample (data coordinates): the image classifier's, or for 2D points the label
+    of the nearest held-out real point."""
+    if data.shape == (2,):
+        a, b = torch.as_tensor(np.asarray(x), dtype=torch.float32), torch.as_tensor(data.heldout)
+        return data.heldout_labels[torch.cdist(a, b).argmin(1).numpy()]
+    with torch.no_grad():
+        x = torch.as_tensor(np.asarray(x), dtype=torch.float32).reshape(-1, *data.shape)
+        return image_classifier(data)(x).argmax(1).numpy()
+
+
+def report(samples, data, labels=None):
+    """Each sampler setting against held-out real data, next to the floor of real sets of the same size: exact
+    W2 for 2D data, the Frechet distance in a digit classifier's features (FD) for images. labels: the classes
+    a conditional run asked for (one per sample); then also the share of samples classified as asked."""
     if data.shape == (2,):
         name, distance = "W2", w2_distance
         prepare = lambda x: x  # noqa: E731
@@ -626,28 +715,42 @@ def report(samples, data):
             with torch.no_grad():
                 return net.features(torch.as_tensor(np.asarray(x), dtype=torch.float32).reshape(-1, *data.shape))
     real = prepare(data.heldout)
-    floor = distance(prepare(data.floor_set), real)
+    floor = float(np.mean([distance(prepare(f), real) for f in data.floor_sets]))
     m = name.lower()
     metrics = {"metric": name, f"{m}_floor": round(floor, 5), "n_eval": data.n_eval}
     for key, x in samples.items():
         d = distance(prepare(x), real)
         metrics[f"{m}_{key}"], metrics[f"ratio_{key}"] = round(d, 5), round(d / floor, 3)
         metrics[f"{m}_ratio_{key}"] = metrics[f"ratio_{key}"]
-        print(f"{key:>12}  {name} {d:.4f}  floor {floor:.4f}  ({d / floor:.2f}x)")
+        acc = ""
+        if labels is not None:
+            metrics[f"accuracy_{key}"] = round(float((classify(x, data) == labels).mean()), 4)
+            acc = f"  accuracy {metrics[f'accuracy_{key}']:.3f}"
+        print(f"{key:>12}  {name} {d:.4f}  floor {floor:.4f}  ({d / floor:.2f}x){acc}")
     return metrics
 
 
-def save_results(out, samples, data, metrics):
-    np.savez(os.path.join(out, "samples.npz"), real=data.heldout.reshape(-1, *data.shape), **samples)
+def save_results(out, samples, data, metrics, labels=None):
+    """samples.npz (each sampler's samples, the held-out `real` ones, and the requested `labels` of a
+    conditional run) and metrics.json."""
+    extra = {} if labels is None else {"labels": labels}
+    np.savez(os.path.join(out, "samples.npz"), real=data.heldout.reshape(-1, *data.shape), **samples, **extra)
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
 
 
-def image_grid(x, shape, n=8):
-    """Up to n x n images of shape (C, H, W) in [0, 1] as one (H', W', 3) array with grey borders (any C)."""
+def image_grid(x, shape, n=8, labels=None):
+    """Up to n x n images of shape (C, H, W) in [0, 1] as one (H', W', 3) array with grey borders (any C);
+    with labels, one row of n images per class instead (row k: class k)."""
     from torchvision.utils import make_grid
-    n = max(1, min(n, int(np.sqrt(len(x)))))
-    x = torch.as_tensor(np.asarray(x[: n * n]), dtype=torch.float32).reshape(-1, *shape)
+    if labels is not None:                         # row k: the first n samples asked to be class k
+        blank = np.full_like(np.asarray(x[0]), 0.5)  # (grey where there are fewer)
+        x = np.stack([x[i] if i is not None else blank for k in range(int(labels.max()) + 1)
+                      for i in (list(np.flatnonzero(labels == k)[:n]) + [None] * n)[:n]])
+    else:
+        n = max(1, min(n, int(np.sqrt(len(x)))))
+        x = x[: n * n]
+    x = torch.as_tensor(np.asarray(x), dtype=torch.float32).reshape(-1, *shape)
     return make_grid(x, nrow=n, padding=1, pad_value=0.5).permute(1, 2, 0).clamp(0, 1).numpy()
 
 
@@ -658,7 +761,8 @@ def angle_colors(e):
 
 def plot_panels(path, title, data, rows):
     """Save a figure with one row of panels per list in rows. A panel is
-    ("real", label): the held-out data;  ("samples", x, label): 2D points, or an image grid;
+    ("real", label): the held-out data;  ("samples", x, label[, labels]): 2D points, or an image grid (with
+    the classes a conditional run asked for: coloured by class, or one image row per class);
     ("paths", p, label, colors): 2D paths p[i, k] from p[i, 0] (t = 1) to p[i, -1] (t = 0);
     ("losses", {name: curve}, label): loss curves, one stage after another;  ("text", note);  None: empty."""
     import matplotlib.pyplot as plt
@@ -672,11 +776,13 @@ def plot_panels(path, title, data, rows):
         kind = panel[0] if panel else None
         if kind in ("real", "samples"):
             x = data.heldout if kind == "real" else panel[1]
+            y = panel[3] if kind == "samples" and len(panel) > 3 else None
             if data.shape == (2,):
-                ax.scatter(x[:, 0], x[:, 1], s=2, alpha=0.4, color="C0" if kind == "real" else "C1")
+                ax.scatter(x[:, 0], x[:, 1], s=2, alpha=0.4, c="C0" if kind == "real" else "C1" if y is None
+                           else [f"C{k % 10}" for k in y])
                 ax.set_xlim(lo[0], hi[0]), ax.set_ylim(lo[1], hi[1])
             else:
-                ax.imshow(image_grid(x, data.shape))
+                ax.imshow(image_grid(x, data.shape, labels=y))
                 ax.set_xticks([]), ax.set_yticks([])
         elif kind == "paths":
             p, colors = panel[1], panel[3]
@@ -738,29 +844,63 @@ def fraction(s):
     return v
 
 
+# Defaults per dataset for the flags not given on the command line (mnist: sized for a GPU; README for a CPU).
+DEFAULTS = {"toys": {"steps": 4000, "reflow_steps": 2000, "batch_size": 512, "lr": 5e-3, "channels": 32,
+                     "n_pairs": 16384},
+            "digits": {"steps": 5000, "reflow_steps": 2500, "batch_size": 128, "lr": 2e-3, "channels": 16,
+                       "n_pairs": 8192},
+            "mnist": {"steps": 20000, "reflow_steps": 10000, "batch_size": 128, "lr": 1e-3, "channels": 32,
+                      "n_pairs": 32768}}
+
+
+def per_data(key):
+    return "default: " + ", ".join(f"{v[key]:g} on {k}" for k, v in DEFAULTS.items())
+
+
+def check_cond_args(p, args):
+    if args.cond and args.data not in N_CLASSES:
+        p.error(f"--cond needs data with labels ({', '.join(N_CLASSES)}); {args.data} has none")
+    if args.guidance != 1 and not (args.cond and args.label_drop > 0):
+        p.error("--guidance needs --cond and --label-drop > 0 (guidance uses the model without a label)")
+
+
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", default="moons", choices=TOY_DATA + IMAGE_DATA, help="dataset")
     p.add_argument("--data-dir", default="data", help="where MNIST is stored / downloaded")
-    p.add_argument("--steps", type=positive_int, default=4000, help="training steps of stage 1 (the teacher)")
-    p.add_argument("--batch-size", type=positive_int, default=512, help="batch size")
-    p.add_argument("--lr", type=positive_float, default=5e-3, help="Adam learning rate")
+    p.add_argument("--steps", type=positive_int, default=argparse.SUPPRESS,
+                   help=f"training steps of stage 1 (the teacher) ({per_data('steps')})")
+    p.add_argument("--batch-size", type=positive_int, default=argparse.SUPPRESS,
+                   help=f"batch size ({per_data('batch_size')})")
+    p.add_argument("--lr", type=positive_float, default=argparse.SUPPRESS,
+                   help=f"Adam learning rate ({per_data('lr')})")
     p.add_argument("--ema", type=fraction, default=0.999, help="EMA decay of the weights used for sampling; capped by "
                         "(1 + step) / (10 + step), which at 0.999 binds for the first ~9000 steps")
     p.add_argument("--hidden", type=positive_int, default=64, help="width of the 2D residual MLP")
     p.add_argument("--depth", type=positive_int, default=3, help="residual blocks of the 2D MLP")
-    p.add_argument("--channels", type=positive_int, default=32, help="base channels of the image U-Net")
+    p.add_argument("--channels", type=positive_int, default=argparse.SUPPRESS,
+                   help=f"base channels of the image U-Net ({per_data('channels')})")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="device")
     p.add_argument("--seed", type=nonnegative_int, default=0, help="random seed")
     p.add_argument("--out", default=None, help=f"output folder (default outputs/{SCRIPT})")
     p.add_argument("--resume", action="store_true", help="continue an interrupted stage (finished ones are reused)")
     p.add_argument("--n-eval", type=positive_int, default=2000, help="samples for the quality number (W2 or FD)")
     p.add_argument("--ckpt-every", type=positive_int, default=2000, help="checkpoint interval in steps")
-    p.add_argument("--reflow-steps", type=positive_int, default=2000, help="training steps of each later stage")
+    p.add_argument("--cond", action="store_true", help="class-conditional model: " + ", ".join(
+                   f"{k} ({n} classes)" for k, n in N_CLASSES.items()))
+    p.add_argument("--label-drop", type=fraction, default=0.1,
+                   help="with --cond: share of training labels replaced by 'no label' (guidance needs it)")
+    p.add_argument("--guidance", type=positive_float, default=1.0, help="with --cond: classifier-free guidance "
+                   "weight W, v = v(no label) + W (v(label) - v(no label)), 1 = none; "
+                   "applied when sampling stage 1 and simulating its pairs (two network evaluations per "
+                   "step); the later stages learn the guided pairs and sample without it")
+    p.add_argument("--reflow-steps", type=positive_int, default=argparse.SUPPRESS,
+                   help=f"training steps of each later stage ({per_data('reflow_steps')})")
     p.add_argument("--from-scratch", action="store_true",
                    help="start each later stage from new weights instead of the previous stage's")
-    p.add_argument("--n-pairs", type=positive_int, default=16384, help="(x_hat, e) pairs simulated from a stage")
+    p.add_argument("--n-pairs", type=positive_int, default=argparse.SUPPRESS,
+                   help=f"(x_hat, e) pairs simulated from a stage ({per_data('n_pairs')})")
     p.add_argument("--rtol", type=positive_float, default=1e-5, help="dopri5 relative tolerance (pairs and 'ode')")
     p.add_argument("--atol", type=positive_float, default=1e-5, help="dopri5 absolute tolerance (pairs and 'ode')")
     # the method's own flags
@@ -771,6 +911,9 @@ def get_args(argv=None):
     p.add_argument("--teacher", default="fm", choices=["fm", "imf"],
                    help="stage 1: fm = flow matching on u(z, t, t) only (the better teacher, README), imf = iMF")
     args = p.parse_args(argv)
+    for key, value in DEFAULTS["toys" if args.data in TOY_DATA else args.data].items():
+        vars(args).setdefault(key, value)
+    check_cond_args(p, args)
     if args.boundary_frac + args.r0_frac > 1:
         p.error("--boundary-frac + --r0-frac must be at most 1")
     args.out = args.out or os.path.join("outputs", SCRIPT)
@@ -779,14 +922,17 @@ def get_args(argv=None):
 
 def stage_config(args, name):
     """The settings a stage or pairs file depends on (main adds the sha256 of the file it was made from)."""
+    cond = {"cond": args.cond, "label_drop": args.label_drop if args.cond else 0}
     if name.startswith("pairs"):
-        return {"n_pairs": args.n_pairs, "rtol": args.rtol, "atol": args.atol, "seed": args.seed}
+        return {"n_pairs": args.n_pairs, "rtol": args.rtol, "atol": args.atol, "seed": args.seed,
+                "cond": args.cond, "guidance": args.guidance}
     config = {"script": SCRIPT, "data": args.data, "hidden": args.hidden, "depth": args.depth,
               "channels": args.channels, "seed": args.seed, "lr": args.lr, "batch_size": args.batch_size,
-              "ema": args.ema}
+              "ema": args.ema, **cond}
     imf = {"boundary_frac": args.boundary_frac, "r0_frac": args.r0_frac}
     if name == "stage1":
-        return {**config, "steps": args.steps, "teacher": args.teacher, **(imf if args.teacher == "imf" else {})}
+        teacher_imf = {**imf, "guidance": args.guidance} if args.teacher == "imf" else {}  # guidance in its target
+        return {**config, "steps": args.steps, "teacher": args.teacher, **teacher_imf}
     return {**config, "steps": args.reflow_steps, "from_scratch": args.from_scratch, **imf}
 
 
@@ -808,7 +954,7 @@ def read_stored(path, config, what):
     return stored
 
 
-def stage_files(args, new_model, shape, device):
+def stage_files(args, new_model, shape, n_classes, device):
     """train_stage and get_pairs for the stage loop, backed by files in --out, and the infos they collect.
     A file's config holds its settings and the sha256 of the file it was made from (pairs k: stage k; a stage
     trained on pairs: those pairs), so a stage or pairs file is reused only if it came from the very files
@@ -833,30 +979,34 @@ def stage_files(args, new_model, shape, device):
         infos[name]["reused"] = stored is not None and done >= steps
         return ema, not infos[name]["interrupted"]
 
-    def get_pairs(k, model):
+    def get_pairs(k, model, w):
         path = os.path.join(args.out, f"pairs{k}.pt")
         config = {**stage_config(args, f"pairs{k}"),
                   "made_from": f"stage{k}.pt {file_sha256(os.path.join(args.out, f'stage{k}.pt'))}"}
         stored = read_stored(path, config, "pairs file")
         if stored is not None:
-            x, e = stored.get("x"), stored.get("e")
+            x, e, labels = stored.get("x"), stored.get("e"), stored.get("labels")
             if not (isinstance(x, torch.Tensor) and isinstance(e, torch.Tensor)
-                    and x.shape == e.shape == (args.n_pairs, *shape) and bool(torch.isfinite(x).all())):
-                raise RunError(f"pairs file {path} does not hold {args.n_pairs} finite pairs of shape {shape}; "
-                               "delete it or choose another --out")
+                    and x.shape == e.shape == (args.n_pairs, *shape) and bool(torch.isfinite(x).all())
+                    and (labels is None if n_classes == 0 else isinstance(labels, torch.Tensor)
+                         and labels.shape == (args.n_pairs,))):
+                raise RunError(f"pairs file {path} does not hold {args.n_pairs} finite pairs of shape {shape}"
+                               f"{' with labels' if n_classes else ''}; delete it or choose another --out")
             print(f"[pairs{k}] reused {path} ({args.n_pairs} pairs)")
             pair_infos[f"pairs{k}"] = {"reused": True, "ode_nfe": stored.get("nfe"),
                                        "train_seconds": stored.get("seconds")}
         else:
             t0 = time.perf_counter()
-            x, e, nfe = make_pairs(model, args.n_pairs, shape, args.seed + 4000 + k, args.rtol, args.atol)
+            x, e, labels, nfe = make_pairs(model, args.n_pairs, shape, args.seed + 4000 + k, args.rtol, args.atol,
+                                           n_classes, w)
             seconds = round(time.perf_counter() - t0, 2)
-            save_checkpoint(path, {"x": x, "e": e, "nfe": nfe, "seconds": seconds, "config": config})
+            save_checkpoint(path, {"x": x, "e": e, "labels": labels, "nfe": nfe, "seconds": seconds,
+                                   "config": config})
             print(f"[pairs{k}] {args.n_pairs} pairs by dopri5 (rtol {args.rtol:g}, atol {args.atol:g}): "
                   f"{nfe} function evaluations, {seconds:.1f} s -> {path}")
             pair_infos[f"pairs{k}"] = {"reused": False, "ode_nfe": nfe, "train_seconds": seconds}
         made_from["pairs"] = f"pairs{k}.pt {file_sha256(path)}"
-        return x.to(device), e.to(device)
+        return x.to(device), e.to(device), None if labels is None else labels.to(device)
     return train_stage, get_pairs, infos, pair_infos
 
 
@@ -865,33 +1015,40 @@ def run(args, argv):
     torch.manual_seed(args.seed)
     os.makedirs(args.out, exist_ok=True)
     data = Data(args.data, args.data_dir, args.seed, device, args.n_eval)
-    new_model = lambda: make_model(data.shape, 2, args.hidden, args.depth, args.channels).to(device)  # noqa: E731
-    train_stage, get_pairs, infos, pair_infos = stage_files(args, new_model, data.shape, device)
+    n_classes = data.n_classes if args.cond else 0
+    new_model = lambda: make_model(data.shape, 2, args.hidden, args.depth, args.channels,  # noqa: E731
+                                   n_classes).to(device)
+    train_stage, get_pairs, infos, pair_infos = stage_files(args, new_model, data.shape, n_classes, device)
 
     def draw_data():                                            # stage 1: independent data and noise
-        x = data.draw(args.batch_size)
-        return x, torch.randn_like(x)
+        x, y = data.draw(args.batch_size)
+        return x, torch.randn_like(x), drop_labels(y, args.label_drop, n_classes) if args.cond else None
 
-    recipe, side = imf_reflow_recipe(args.teacher, args.boundary_frac, args.r0_frac)
+    recipe, side = imf_reflow_recipe(args.teacher, args.boundary_frac, args.r0_frac, args.guidance)
     stages = train_stages(train_stage, get_pairs, draw_data, [data.rng], recipe, side, args.from_scratch,
                           args.batch_size, args.seed)
 
     e = eval_noise(data, args.seed + 3000, device)              # quasi-random for moons: see eval_noise
-    out, paths, n_grid = {}, {}, 100 if data.shape == (2,) else 10
-    for name, (m, few_step) in stages.items():
+    labels = data.heldout_labels if args.cond else None         # the classes asked for: the held-out set's
+    y = None if labels is None else torch.as_tensor(labels, device=device)
+    out, paths, first, n_grid = {}, {}, {}, 100 if data.shape == (2,) else 10
+    for name, (m, few_step, w) in stages.items():
         m.eval()
+        evals, kw = (1, {}) if y is None or w == 1 else (2, {"w": w})  # guided: two evaluations per step
+        first[name] = f"{name}_nfe{evals}"
         for n in (1, 2, 4) if name != "distill" else (1,):   # distillation learned the one-step map only
-            out[f"{name}_nfe{n}"] = few_step(m, e, n)
+            out[f"{name}_nfe{n * evals}"] = few_step(m, e, n, y, **kw)
         if name == "distill":
             continue
-        path, infos[name]["ode_nfe"] = ode_generate(m, e, args.rtol, args.atol, n_grid)
+        path, infos[name]["ode_nfe"] = ode_generate(m, e, args.rtol, args.atol, n_grid, labels=y, w=w)
         out[f"{name}_ode"] = path[-1]
-        infos[name]["straightness"], infos[name]["transport_cost"] = straightness(m, path)
+        infos[name]["straightness"], infos[name]["transport_cost"] = straightness(m, path, y, w)
+        infos[name]["guidance"] = w if y is not None else None
         if data.shape == (2,):
             paths[name] = np.stack([data.to_data(z) for z in path[:, :300]], axis=1)
     samples = {k: data.to_data(v) for k, v in out.items()}
     print(f"{TITLE} on {args.data}: each stage's few-step sampler at NFE 1, 2, 4 and its dopri5 ODE, EMA weights:")
-    metrics = report(samples, data)
+    metrics = report(samples, data, labels)
     print(f"{'':8}{'steps':>6}{'seconds':>9}{'1-NFE':>8}{'2-NFE':>8}{'4-NFE':>8}{'ODE':>7}{'(NFE)':>7}"
           f"{'straightness':>14}{'transport cost':>16}")
     for name, info in infos.items():
@@ -908,13 +1065,15 @@ def run(args, argv):
     metrics["command"] = " ".join(["python", f"{SCRIPT}.py"] + (sys.argv[1:] if argv is None else list(argv)))
     last = [n for n in stages if n != "distill"][-1]            # plain keys: the last flow stage
     save_results(args.out, {**samples, **{k[len(last) + 1:]: v for k, v in samples.items()
-                                          if k.startswith(last + "_")}}, data, metrics)
+                                          if k.startswith(last + "_")}}, data, metrics, labels)
     top = [("real", "real (held-out)")]
     bottom = [("losses", {n: i["losses"] for n, i in infos.items()}, "training loss")]
     colors = angle_colors(e[:300].cpu().numpy()) if data.shape == (2,) else None  # by the noise point's angle
-    for name, (_, few_step) in stages.items():
-        label = f"{name}: 1-NFE ({few_step.__name__}), {metrics['metric']} {metrics[f'ratio_{name}_nfe1']:.2f}x"
-        bottom.append(("samples", samples[f"{name}_nfe1"], label))
+    for name, (_, few_step, w) in stages.items():
+        one = first[name]                                       # one step: 1 NFE, or 2 with guidance
+        label = (f"{name}: 1 step ({few_step.__name__}{', %s' % one.split('_')[1] if one[-1] != '1' else ''}), "
+                 f"{metrics['metric']} {metrics[f'ratio_{one}']:.2f}x")
+        bottom.append(("samples", samples[one], label, labels))
         if name == "distill":
             top.append(("text", "one-step distillation:\ntrained at t = 1 only,\nno ODE of its own"))
         elif data.shape == (2,):
@@ -922,8 +1081,9 @@ def run(args, argv):
             top.append(("paths", paths[name], f"{name}: ODE paths, straightness {straight:.4f}", colors))
         else:
             ratio = metrics[f"ratio_{name}_ode"]
-            top.append(("samples", samples[f"{name}_ode"], f"{name}: dopri5 ODE, FD {ratio:.2f}x floor"))
-    plot_panels(os.path.join(args.out, "results.png"), f"{TITLE} on {args.data}: " + " -> ".join(
+            top.append(("samples", samples[f"{name}_ode"], f"{name}: dopri5 ODE, FD {ratio:.2f}x floor", labels))
+    cond = f", class-conditional (one row per class), guidance {args.guidance:g}" if args.cond else ""
+    plot_panels(os.path.join(args.out, "results.png"), f"{TITLE} on {args.data}{cond}: " + " -> ".join(
         f"{n} ({i['steps']} steps)" for n, i in infos.items()), data, [top, bottom])
     print(f"wrote {args.out}/results.png, samples.npz, metrics.json and the stage files")
     if any(info["interrupted"] for info in infos.values()):

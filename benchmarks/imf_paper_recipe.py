@@ -55,8 +55,10 @@ def main(argv=None):
     p.add_argument("--adaptive-p", type=float, default=0.0, help="adaptive weighting power p (0: plain loss)")
     p.add_argument("--adaptive-c", type=float, default=1e-3, help="adaptive weighting constant c")
     args, rest = p.parse_known_args(argv)
+    if "--cond" in rest:
+        p.error("the papers' recipe here is unconditional: drop --cond")
     recipe = {"sampler": args.sampler, "adaptive_p": args.adaptive_p, "adaptive_c": args.adaptive_c}
-    imf.imf_loss = lambda m, x, e, bf, r0: paper_loss(m, x, e, bf, r0, *recipe.values())
+    imf.imf_loss = lambda m, x, e, y, w, bf, r0: paper_loss(m, x, e, bf, r0, *recipe.values())
     run_config = imf.run_config
     imf.run_config = lambda a: {**run_config(a), **recipe}   # --resume refuses a checkpoint of another recipe
     if "--out" not in rest:

@@ -34,7 +34,7 @@ def step_cost(model, data, batch_size, steps, repeats=5):
         for name, fn in losses.items():
             t0 = time.perf_counter()
             for _ in range(steps):
-                x = data.draw(batch_size)
+                x = data.draw(batch_size)[0]
                 loss = fn(model, x, torch.randn_like(x))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
