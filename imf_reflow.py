@@ -844,7 +844,8 @@ def fraction(s):
     return v
 
 
-# Defaults per dataset for the flags not given on the command line (mnist: sized for a GPU; README for a CPU).
+# Defaults per dataset for the flags not given on the command line (mnist: sized for a GPU; the README has a
+# CPU command).
 DEFAULTS = {"toys": {"steps": 4000, "reflow_steps": 2000, "batch_size": 512, "lr": 5e-3, "channels": 32,
                      "n_pairs": 16384},
             "digits": {"steps": 5000, "reflow_steps": 2500, "batch_size": 128, "lr": 2e-3, "channels": 16,
@@ -893,8 +894,9 @@ def get_args(argv=None):
                    help="with --cond: share of training labels replaced by 'no label' (guidance needs it)")
     p.add_argument("--guidance", type=positive_float, default=1.0, help="with --cond: classifier-free guidance "
                    "weight W, v = v(no label) + W (v(label) - v(no label)), 1 = none; "
-                   "applied when sampling stage 1 and simulating its pairs (two network evaluations per "
-                   "step); the later stages learn the guided pairs and sample without it")
+                   "applied when sampling the fm teacher and simulating its pairs (two network "
+                   "evaluations per step), in the training target of --teacher imf; stage 2 learns the "
+                   "guided pairs and samples without it")
     p.add_argument("--reflow-steps", type=positive_int, default=argparse.SUPPRESS,
                    help=f"training steps of each later stage ({per_data('reflow_steps')})")
     p.add_argument("--from-scratch", action="store_true",
@@ -922,16 +924,17 @@ def get_args(argv=None):
 
 def stage_config(args, name):
     """The settings a stage or pairs file depends on (main adds the sha256 of the file it was made from)."""
-    cond = {"cond": args.cond, "label_drop": args.label_drop if args.cond else 0}
+    cond = {"cond": True, "label_drop": args.label_drop} if args.cond else {}   # unconditional: keys as before
     if name.startswith("pairs"):
         return {"n_pairs": args.n_pairs, "rtol": args.rtol, "atol": args.atol, "seed": args.seed,
-                "cond": args.cond, "guidance": args.guidance}
+                **({"cond": True, "guidance": args.guidance} if args.cond else {})}
     config = {"script": SCRIPT, "data": args.data, "hidden": args.hidden, "depth": args.depth,
               "channels": args.channels, "seed": args.seed, "lr": args.lr, "batch_size": args.batch_size,
               "ema": args.ema, **cond}
     imf = {"boundary_frac": args.boundary_frac, "r0_frac": args.r0_frac}
     if name == "stage1":
-        teacher_imf = {**imf, "guidance": args.guidance} if args.teacher == "imf" else {}  # guidance in its target
+        guidance = {"guidance": args.guidance} if args.cond else {}        # the iMF teacher has it in its target
+        teacher_imf = {**imf, **guidance} if args.teacher == "imf" else {}
         return {**config, "steps": args.steps, "teacher": args.teacher, **teacher_imf}
     return {**config, "steps": args.reflow_steps, "from_scratch": args.from_scratch, **imf}
 
@@ -989,7 +992,8 @@ def stage_files(args, new_model, shape, n_classes, device):
             if not (isinstance(x, torch.Tensor) and isinstance(e, torch.Tensor)
                     and x.shape == e.shape == (args.n_pairs, *shape) and bool(torch.isfinite(x).all())
                     and (labels is None if n_classes == 0 else isinstance(labels, torch.Tensor)
-                         and labels.shape == (args.n_pairs,))):
+                         and labels.shape == (args.n_pairs,) and labels.dtype == torch.long
+                         and 0 <= int(labels.min()) and int(labels.max()) < n_classes)):
                 raise RunError(f"pairs file {path} does not hold {args.n_pairs} finite pairs of shape {shape}"
                                f"{' with labels' if n_classes else ''}; delete it or choose another --out")
             print(f"[pairs{k}] reused {path} ({args.n_pairs} pairs)")
@@ -1003,7 +1007,7 @@ def stage_files(args, new_model, shape, n_classes, device):
             save_checkpoint(path, {"x": x, "e": e, "labels": labels, "nfe": nfe, "seconds": seconds,
                                    "config": config})
             print(f"[pairs{k}] {args.n_pairs} pairs by dopri5 (rtol {args.rtol:g}, atol {args.atol:g}): "
-                  f"{nfe} function evaluations, {seconds:.1f} s -> {path}")
+                  f"{nfe} network evaluations, {seconds:.1f} s -> {path}")
             pair_infos[f"pairs{k}"] = {"reused": False, "ode_nfe": nfe, "train_seconds": seconds}
         made_from["pairs"] = f"pairs{k}.pt {file_sha256(path)}"
         return x.to(device), e.to(device), None if labels is None else labels.to(device)

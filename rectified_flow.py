@@ -691,7 +691,8 @@ def fraction(s):
     return v
 
 
-# Defaults per dataset for the flags not given on the command line (mnist: sized for a GPU; README for a CPU).
+# Defaults per dataset for the flags not given on the command line (mnist: sized for a GPU; the README has a
+# CPU command).
 DEFAULTS = {"toys": {"steps": 4000, "batch_size": 512, "lr": 5e-3, "channels": 32},
             "digits": {"steps": 4000, "batch_size": 128, "lr": 2e-3, "channels": 16},
             "mnist": {"steps": 20000, "batch_size": 128, "lr": 1e-3, "channels": 32}}
@@ -756,8 +757,8 @@ def get_args(argv=None):
 def run_config(args):
     """The settings a checkpoint must share with this run to be resumed."""
     return {"script": SCRIPT, "data": args.data, "hidden": args.hidden, "depth": args.depth,
-            "channels": args.channels, "source": args.source, "cond": args.cond,
-            "label_drop": args.label_drop if args.cond else 0}
+            "channels": args.channels, "source": args.source,
+            **({"cond": True, "label_drop": args.label_drop} if args.cond else {})}
 
 
 # --- main ---

@@ -789,7 +789,8 @@ def fraction(s):
     return v
 
 
-# Defaults per dataset for the flags not given on the command line (mnist: sized for a GPU; README for a CPU).
+# Defaults per dataset for the flags not given on the command line (mnist: sized for a GPU; the README has a
+# CPU command).
 DEFAULTS = {"toys": {"steps": 3400, "reflow_steps": 2500, "batch_size": 512, "lr": 5e-3, "channels": 32,
                      "n_pairs": 16384},
             "digits": {"steps": 5000, "reflow_steps": 2500, "batch_size": 128, "lr": 2e-3, "channels": 16,
@@ -866,10 +867,10 @@ def get_args(argv=None):
 
 def stage_config(args, name):
     """The settings a stage or pairs file depends on (main adds the sha256 of the file it was made from)."""
-    cond = {"cond": args.cond, "label_drop": args.label_drop if args.cond else 0}
+    cond = {"cond": True, "label_drop": args.label_drop} if args.cond else {}   # unconditional: keys as before
     if name.startswith("pairs"):
         return {"n_pairs": args.n_pairs, "rtol": args.rtol, "atol": args.atol, "seed": args.seed,
-                "cond": args.cond, "guidance": args.guidance}
+                **({"cond": True, "guidance": args.guidance} if args.cond else {})}
     config = {"script": SCRIPT, "data": args.data, "hidden": args.hidden, "depth": args.depth,
               "channels": args.channels, "seed": args.seed, "lr": args.lr, "batch_size": args.batch_size,
               "ema": args.ema, **cond}
@@ -933,7 +934,8 @@ def stage_files(args, new_model, shape, n_classes, device):
             if not (isinstance(x, torch.Tensor) and isinstance(e, torch.Tensor)
                     and x.shape == e.shape == (args.n_pairs, *shape) and bool(torch.isfinite(x).all())
                     and (labels is None if n_classes == 0 else isinstance(labels, torch.Tensor)
-                         and labels.shape == (args.n_pairs,))):
+                         and labels.shape == (args.n_pairs,) and labels.dtype == torch.long
+                         and 0 <= int(labels.min()) and int(labels.max()) < n_classes)):
                 raise RunError(f"pairs file {path} does not hold {args.n_pairs} finite pairs of shape {shape}"
                                f"{' with labels' if n_classes else ''}; delete it or choose another --out")
             print(f"[pairs{k}] reused {path} ({args.n_pairs} pairs)")
@@ -947,7 +949,7 @@ def stage_files(args, new_model, shape, n_classes, device):
             save_checkpoint(path, {"x": x, "e": e, "labels": labels, "nfe": nfe, "seconds": seconds,
                                    "config": config})
             print(f"[pairs{k}] {args.n_pairs} pairs by dopri5 (rtol {args.rtol:g}, atol {args.atol:g}): "
-                  f"{nfe} function evaluations, {seconds:.1f} s -> {path}")
+                  f"{nfe} network evaluations, {seconds:.1f} s -> {path}")
             pair_infos[f"pairs{k}"] = {"reused": False, "ode_nfe": nfe, "train_seconds": seconds}
         made_from["pairs"] = f"pairs{k}.pt {file_sha256(path)}"
         return x.to(device), e.to(device), None if labels is None else labels.to(device)

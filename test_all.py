@@ -682,28 +682,39 @@ def test_reflow_k_stages_chain_their_configs(tmp_path):
 
 
 # ---------------------------------------------------------------- the losses against independent computations
-def test_imf_loss_off_the_boundary_matches_a_finite_difference_target():
-    """On rows with r < t the loss is ||u + (t - r) sg(d/dt u) - (e - x)||^2 with d/dt u the total derivative
-    along dz/dt = u(z, t, t): rebuilt here with a central finite difference, for the value and the gradient."""
+@pytest.mark.parametrize("module", ["imf", "imf_reflow"])
+@pytest.mark.parametrize("cond", [False, True])
+def test_imf_loss_off_the_boundary_matches_a_finite_difference_target(module, cond):
+    """On rows with r < t the loss is ||u + (t - r) sg(d/dt u) - v_tgt||^2 with d/dt u the total derivative
+    along dz/dt = u(z, t, t): rebuilt here with a central finite difference, for the value and the gradient.
+    cond: labels (a quarter dropped) and guidance 2.5, so v_tgt = 2.5 (e - x) - 1.5 sg(u(z, t, t | no label))
+    on labelled rows, and every network call sees the row's label."""
+    mod = {"imf": imf, "imf_reflow": imf_reflow}[module]
     torch.manual_seed(0)
-    model = imf.make_model((2,), 2, 32, 2).double()
+    model = mod.make_model((2,), 2, 32, 2, n_classes=3 if cond else 0).double()
     x, e = torch.randn(32, 2, dtype=torch.float64), torch.randn(32, 2, dtype=torch.float64)
+    y = torch.arange(32) % 4 if cond else None                    # 3 = no label
+    w = 2.5 if cond else 1.0
     torch.manual_seed(3)
-    loss = imf.imf_loss(model, x, e, boundary_frac=0.0, r0_frac=0.3)
+    loss = mod.imf_loss(model, x, e, y, w, boundary_frac=0.0, r0_frac=0.3)
     grads = torch.autograd.grad(loss, list(model.parameters()))
     torch.manual_seed(3)
-    r, t, nb = imf.sample_r_t(32, "cpu", 0.0, 0.3)
+    r, t, nb = mod.sample_r_t(32, "cpu", 0.0, 0.3)
     r, t = r.double(), t.double()
     assert nb == 0 and (r < t).all()
     z = (1 - t[:, None]) * x + t[:, None] * e
     h = 1e-6
     with torch.no_grad():
-        v = model(z, t, t)
-        dudt = (model(z + h * v, r, t + h) - model(z - h * v, r, t - h)) / (2 * h)
-    ref = ((model(z, r, t) + (t - r)[:, None] * dudt - (e - x)) ** 2).mean()
+        v = model(z, t, t, labels=y)
+        dudt = (model(z + h * v, r, t + h, labels=y) - model(z - h * v, r, t - h, labels=y)) / (2 * h)
+        target = e - x
+        if cond:
+            v_null = model(z, t, t, labels=torch.full_like(y, 3))
+            target = torch.where((y != 3)[:, None], w * (e - x) + (1 - w) * v_null, e - x)
+    ref = ((model(z, r, t, labels=y) + (t - r)[:, None] * dudt - target) ** 2).mean()
     ref_grads = torch.autograd.grad(ref, list(model.parameters()))
     assert torch.allclose(loss, ref, rtol=1e-6), (loss, ref)
-    for g, g_ref in zip(grads, ref_grads):                     # the JVP term carries no gradient (sg)
+    for g, g_ref in zip(grads, ref_grads):                     # the JVP and guidance terms carry no gradient (sg)
         assert torch.allclose(g, g_ref, rtol=1e-5, atol=1e-8)
 
 
@@ -1091,6 +1102,7 @@ def test_imf_guided_one_step_is_one_network_evaluation(tmp_path):
     e, y = torch.randn(50, 2), torch.randint(0, 2, (50,))
     x = imf.sample(model, e, 1, y)
     assert rows == [50] and x.shape == (50, 2)
+    assert not torch.allclose(x, imf.sample(model, e, 1, 1 - y), atol=1e-3)  # the labels are used
 
 
 def test_imf_guided_target_on_the_boundary():
@@ -1150,7 +1162,7 @@ def test_defaults_per_dataset(script):
     assert mod.get_args(["--data", "digits", "--steps", "7"]).steps == 7
     help_text = subprocess.run([sys.executable, os.path.join(HERE, script), "--help"], capture_output=True,
                                text=True).stdout
-    assert f"{mod.DEFAULTS['digits']['steps']} on digits" in help_text.replace("\n", " ").replace("  ", " ")
+    assert f"{mod.DEFAULTS['digits']['steps']} on digits" in " ".join(help_text.split())
 
 
 def test_unet_handles_rgb_and_any_even_size():

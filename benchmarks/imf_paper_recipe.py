@@ -55,7 +55,7 @@ def main(argv=None):
     p.add_argument("--adaptive-p", type=float, default=0.0, help="adaptive weighting power p (0: plain loss)")
     p.add_argument("--adaptive-c", type=float, default=1e-3, help="adaptive weighting constant c")
     args, rest = p.parse_known_args(argv)
-    if "--cond" in rest:
+    if imf.get_args(rest).cond:
         p.error("the papers' recipe here is unconditional: drop --cond")
     recipe = {"sampler": args.sampler, "adaptive_p": args.adaptive_p, "adaptive_c": args.adaptive_c}
     imf.imf_loss = lambda m, x, e, y, w, bf, r0: paper_loss(m, x, e, bf, r0, *recipe.values())
