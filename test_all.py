@@ -1013,7 +1013,7 @@ def test_image_fd_ranks_real_digits_near_the_floor_and_noise_far_above(tmp_path,
                "noise": np.random.default_rng(0).random((360, 64)),
                "mean": np.repeat(real.mean(0, keepdims=True), 360, 0)}
     m = imf.report(samples, data)
-    assert m["metric"] == "FD" and m["ratio_real"] < 1.5, m              # measured 1.03 (floor: mean of 5 real subsets)
+    assert m["metric"] == "FD" and m["ratio_real"] < 1.25, m             # measured 1.03 (floor: mean of 5 real subsets)
     assert m["ratio_noise"] > 18 and m["ratio_mean"] > 80, m             # measured 26 and 112
     (tmp_path / "digits_classifier.pt").write_bytes(b"not a classifier")
     capsys.readouterr()
@@ -1069,9 +1069,10 @@ def test_conditional_fm_honours_labels(tmp_path):
         d_other = torch.cdist(x, real[real_y != k]).min(1).values
         assert (d_own < d_other).float().mean() > 0.9, k
     assert metrics["accuracy_ode"] > 0.9                             # measured 1.0
+    torch.manual_seed(0)
     untrained = imf.make_model((2,), 1, n_classes=2)
     x = fm.ode_generate(untrained, torch.randn(400, 2), labels=torch.tensor(real_y))[0]
-    assert (imf.classify(data.to_data(x), data) == real_y).mean() < 0.75      # an untrained one does not
+    assert (imf.classify(data.to_data(x), data) == real_y).mean() < 0.6       # an untrained one does not (0.45)
 
 
 def test_guidance_1_is_plain_conditional_sampling_and_w_combines_two_outputs():
