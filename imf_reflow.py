@@ -283,16 +283,18 @@ class ResMLP(nn.Module):
 
 
 class SmallUNet(nn.Module):
-    """Two-level U-Net for small images (C channels, any even height and width: 8x8 digits, 28x28 MNIST),
-    conditioned on n_times times and optionally a class label: forward(z, *times, labels=None)."""
+    """U-Net for small images (C channels, any even height and width), conditioned on n_times times and
+    optionally a class label: forward(z, *times, labels=None). Full and half resolution (ch and 2 ch channels:
+    8x8 digits); with deep=True also a quarter resolution with 4 ch channels (28x28 MNIST: 28 -> 14 -> 7),
+    which sees a whole digit for little compute."""
 
-    def __init__(self, in_ch=1, n_times=1, ch=32, emb=64, n_classes=0):
+    def __init__(self, in_ch=1, n_times=1, ch=32, emb=64, n_classes=0, deep=False):
         super().__init__()
-        self.embed, self.n_classes = TimeEmbedding(emb), n_classes
+        self.embed, self.n_classes, self.ch, self.deep = TimeEmbedding(emb), n_classes, ch, deep
         if n_classes:
             self.label = nn.Embedding(n_classes + 1, emb)   # index n_classes: no label
         self.cond = nn.Sequential(nn.Linear((n_times + (n_classes > 0)) * emb, 4 * ch), nn.SiLU(),
-                                  nn.Linear(4 * ch, 3 * ch))
+                                  nn.Linear(4 * ch, (7 if deep else 3) * ch))
         self.in1 = nn.Conv2d(in_ch, ch, 3, padding=1)
         self.in2 = nn.Conv2d(ch, ch, 3, padding=1)
         self.down = nn.Conv2d(ch, 2 * ch, 4, stride=2, padding=1)
@@ -301,26 +303,36 @@ class SmallUNet(nn.Module):
         self.up = nn.ConvTranspose2d(2 * ch, ch, 4, stride=2, padding=1)
         self.out1 = nn.Conv2d(2 * ch, ch, 3, padding=1)
         self.out2 = nn.Conv2d(ch, in_ch, 3, padding=1)
-        self.ch = ch
+        if deep:                                            # quarter resolution, added to the half one
+            self.down2 = nn.Conv2d(2 * ch, 4 * ch, 4, stride=2, padding=1)
+            self.deep1 = nn.Conv2d(4 * ch, 4 * ch, 3, padding=1)
+            self.deep2 = nn.Conv2d(4 * ch, 4 * ch, 3, padding=1)
+            self.up2 = nn.ConvTranspose2d(4 * ch, 2 * ch, 4, stride=2, padding=1)
 
     def forward(self, z, *times, labels=None):
         c = self.cond(embed_inputs(self, times, labels))[:, :, None, None]
-        c1, c2 = c[:, :self.ch], c[:, self.ch:]
+        c1, c2, c3 = c[:, :self.ch], c[:, self.ch:3 * self.ch], c[:, 3 * self.ch:]
         h1 = F.silu(self.in2(F.silu(self.in1(z))) + c1)
         d = F.silu(self.down(h1))
         m = d + self.mid2(F.silu(self.mid1(d + c2)))
+        if self.deep:
+            q = F.silu(self.down2(F.silu(m)))
+            q = q + self.deep2(F.silu(self.deep1(q + c3)))
+            m = m + self.up2(F.silu(q))
         u = F.silu(self.up(F.silu(m)))
         return self.out2(F.silu(self.out1(torch.cat([u, h1], dim=1))))
 
 
 def make_model(shape, n_times, hidden=64, depth=3, channels=32, n_classes=0):
-    """A residual MLP for 2D points, a small U-Net for images (C, H, W); forward(z, *times, labels=None).
-    n_classes > 0: class-conditional, with a label embedding of n_classes + 1 entries (the last: no label)."""
+    """A residual MLP for 2D points, a small U-Net for images (C, H, W), with a quarter-resolution level when H
+    and W are multiples of 4 and at least 16; forward(z, *times, labels=None). n_classes > 0: class-conditional,
+    with a label embedding of n_classes + 1 entries (the last: no label)."""
     if len(shape) == 1:
         return ResMLP(shape[0], n_times, hidden, depth, n_classes=n_classes)
     if shape[1] % 2 or shape[2] % 2:
         raise RunError(f"the U-Net needs an even image height and width, got {shape[1]}x{shape[2]}")
-    return SmallUNet(shape[0], n_times, channels, n_classes=n_classes)
+    deep = shape[1] % 4 == 0 and shape[2] % 4 == 0 and min(shape[1:]) >= 16
+    return SmallUNet(shape[0], n_times, channels, n_classes=n_classes, deep=deep)
 
 
 def guided(model, z, times, labels=None, w=1.0):
@@ -533,9 +545,14 @@ def train(model, loss_fn, draw, steps, lr, ckpt_path, config, device, resume=Fal
     step, losses, schedule = 0, [], steps
     if resume and os.path.exists(ckpt_path):
         ckpt = load_checkpoint(ckpt_path, config, device)
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["optimizer"])
+        try:
+            model.load_state_dict(ckpt["model"])
+            ema.load_state_dict(ckpt["ema"])
+            opt.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError) as err:              # e.g. made by an older version of the network
+            detail = " ".join(str(err).split())[:100]
+            raise RunError(f"checkpoint {ckpt_path} does not fit the network this run builds ({detail}...); "
+                           "delete it or choose another --out") from None
         step, losses, schedule = ckpt["step"], list(ckpt.get("losses", [])), ckpt.get("schedule_steps", steps)
         if "rng" in ckpt:
             set_rng_state(ckpt["rng"], rngs)

@@ -230,6 +230,20 @@ def test_checkpoint_from_other_config_is_refused(tmp_path):
     assert "another config" in msg and "hidden" in msg and "\n" not in msg
 
 
+def test_checkpoint_of_another_network_is_a_clear_error(tmp_path):
+    """Same config, other weights (an MNIST checkpoint made before the U-Net's third level, say): a one-line
+    error, not a traceback from load_state_dict; two-stage scripts reuse stage files through the same path."""
+    run_imf(tmp_path, "--steps", "20", "--n-eval", "50")
+    path = tmp_path / "out" / "checkpoint.pt"
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["model"] = {k: v for k, v in ckpt["model"].items() if not k.startswith("out.")}
+    torch.save(ckpt, path)
+    with pytest.raises(SystemExit) as err:
+        run_imf(tmp_path, "--steps", "40", "--n-eval", "50", "--resume")
+    msg = str(err.value.code)
+    assert "does not fit the network" in msg and "\n" not in msg
+
+
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -1173,3 +1187,20 @@ def test_unet_handles_rgb_and_any_even_size():
         assert net(z, torch.rand(4), torch.rand(4), labels=torch.arange(4)).shape == z.shape
     with pytest.raises(imf.RunError, match="even image height and width"):
         imf.make_model((1, 9, 8), 1)
+
+
+def test_unet_quarter_level_only_for_larger_images():
+    """28x28 and 32x32 get a quarter-resolution level (7x7, 8x8), which lets a corner output pixel see most of
+    the image; 8x8 digits keep the two-level net they had (its parameter count, so old checkpoints still load)."""
+    digits_net = imf.make_model((1, 8, 8), 2, channels=8, n_classes=10)
+    assert not digits_net.deep and sum(p.numel() for p in digits_net.parameters()) == 18329
+    assert not imf.make_model((1, 12, 12), 1, channels=8).deep          # sides under 16
+    assert not imf.make_model((3, 12, 10), 1, channels=8).deep          # 10 is not a multiple of 4
+    net = imf.make_model((1, 20, 20), 1, channels=8)                     # 20 -> 10 -> 5 -> 10 -> 20
+    assert net.deep and net(torch.randn(2, 1, 20, 20), torch.rand(2)).shape == (2, 1, 20, 20)
+    for shape in ((1, 28, 28), (3, 32, 32)):
+        net = imf.make_model(shape, 1, channels=8)
+        assert net.deep and net.down2.weight.shape == (32, 16, 4, 4)
+        z = torch.zeros(1, *shape, requires_grad=True)
+        net(z, torch.rand(1))[0, 0, 0, 0].backward()                      # the corner pixel's receptive field
+        assert (z.grad[0, 0].abs() > 0).float().mean() > 0.5, "the corner output should see far into the image"

@@ -1,8 +1,8 @@
-"""Which one-step route? Runs the collection's default commands as programs for several training seeds and
-writes a table of sample quality (W2 / floor, median and range over the seeds) against the number of network
+"""Which one-step route? Runs the collection's default commands (and imf.py with three times its training) as
+programs for several training seeds and writes a table of sample quality (W2 / floor, median and range over the seeds) against the number of network
 evaluations and the training time. Run from the repository root:
 
-    python benchmarks/one_step_routes.py                  # seeds 0 1 2: about 20 minutes on a 2-core CPU
+    python benchmarks/one_step_routes.py                  # seeds 0 1 2: about 25 minutes on a 2-core CPU
     python benchmarks/one_step_routes.py --keep           # reuse finished runs in --out, run only what is missing
 
 Each route's numbers come from the metrics.json its command wrote; nothing here imports the scripts."""
@@ -22,6 +22,7 @@ ROUTES = [
     ("2-RF (reflow), 1 Euler step", "reflow.py", [], "stage2_nfe1", 1, ["stage1", "pairs1", "stage2"]),
     ("2-RF + one-step distillation", "reflow.py", ["--distill"], "distill_nfe1", 1, ["stage1", "pairs1", "distill"]),
     ("iMF, 1 step", "imf.py", [], "nfe1", 1, None),
+    ("iMF, 1 step, 3x the training", "imf.py", ["--steps", "10800"], "nfe1", 1, None),
     ("iMF on a reflow coupling, 1 step", "imf_reflow.py", [], "stage2_nfe1", 1, ["stage1", "pairs1", "stage2"]),
 ]
 
