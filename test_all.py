@@ -116,6 +116,44 @@ def test_imf_time_sampler_covers_boundary_and_corner():
     assert (t[nb:] - r[nb:] > 0.5).float().mean() > 0.3  # wide intervals are trained too
 
 
+def test_imf_boundary_time_distributions():
+    """The r = t rows: logit-normal(-0.4, 1) by default (median sigmoid(-0.4) = 0.40, 16% below t = 0.2, where
+    the larger of two uniforms has 4%), uniform, or max; an unknown name is an error, not a silent 'max'."""
+    share = {}
+    for kind in ("logit-normal", "uniform", "max"):
+        torch.manual_seed(0)
+        r, t, nb = imf.sample_r_t(20000, "cpu", 0.7, 0.2, kind)
+        assert nb == 14000 and torch.equal(r[:nb], t[:nb]) and torch.all(r[nb:16000] == 0)
+        share[kind] = (t[:nb] < 0.2).float().mean().item()
+        if kind == "logit-normal":
+            assert abs(t[:nb].median().item() - 0.401) < 0.01
+    assert 0.14 < share["logit-normal"] < 0.18 and 0.18 < share["uniform"] < 0.22 and share["max"] < 0.05, share
+    torch.manual_seed(0)
+    r, t, nb = imf.sample_r_t(1000, "cpu", 0.7, 0.2)
+    torch.manual_seed(0)
+    assert torch.equal(t, imf.sample_r_t(1000, "cpu", 0.7, 0.2, "logit-normal")[1])   # the default
+    with pytest.raises(ValueError, match="boundary_t"):
+        imf.sample_r_t(10, "cpu", 0.7, 0.2, "max-of-two")
+
+
+def test_boundary_t_flag_reaches_the_loss_and_the_config(tmp_path, monkeypatch):
+    """--boundary-t: imf.py defaults to logit-normal, imf_reflow.py's iMF stage to max; the choice reaches
+    sample_r_t and the checkpoint/stage config (which omits it for max, as the files made before the flag)."""
+    for mod, flags, default in ((imf, [], "logit-normal"), (imf_reflow, ["--reflow-steps", "3", "--n-pairs", "64"],
+                                                            "max")):
+        assert mod.get_args([]).boundary_t == default
+        for kind in ("uniform", default):
+            seen, real = [], mod.sample_r_t
+            monkeypatch.setattr(mod, "sample_r_t", lambda *a: seen.append(a[4]) or real(*a))
+            out = tmp_path / f"{mod.__name__}-{kind}"
+            mod.main(["--out", str(out), "--steps", "3", "--n-eval", "50", "--boundary-t", kind, *flags])
+            monkeypatch.setattr(mod, "sample_r_t", real)
+            assert seen and set(seen) == {kind}
+            ckpt = out / ("checkpoint.pt" if mod is imf else "stage2.pt")
+            config = torch.load(ckpt, weights_only=True)["config"]
+            assert config.get("boundary_t") == (None if kind == "max" else kind)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_imf_brief_run_each_device(tmp_path, device):
     out, metrics = run_imf(tmp_path, "--steps", "300", "--n-eval", "300", "--device", device)
@@ -964,9 +1002,9 @@ def test_imf_paper_recipe_benchmark_runs(tmp_path):
     original, original_config, calls = imf.imf_loss, imf.run_config, []
     real = imf_paper_recipe.paper_loss
 
-    def counted(*a):
-        calls.append(a[5:])
-        return real(*a)
+    def counted(*a, **kw):
+        calls.append((*a[5:], kw))
+        return real(*a, **kw)
 
     imf_paper_recipe.paper_loss = counted
     try:
@@ -974,7 +1012,8 @@ def test_imf_paper_recipe_benchmark_runs(tmp_path):
                                    "--steps", "20", "--n-eval", "100", "--boundary-frac", "0.75"])
     finally:                                                    # the benchmark patches imf
         imf.imf_loss, imf.run_config, imf_paper_recipe.paper_loss = original, original_config, real
-    assert len(calls) == 20 and calls[0] == ("logit-normal", 1.0, 1e-3) and np.isfinite(m["w2_nfe1"])
+    assert len(calls) == 20 and np.isfinite(m["w2_nfe1"])
+    assert calls[0] == ("logit-normal", 1.0, 1e-3, {"boundary_t": "logit-normal"})   # imf.py's --boundary-t reaches it
     saved = json.load(open(tmp_path / "o" / "metrics.json"))
     assert saved["command"].startswith("python benchmarks/imf_paper_recipe.py --sampler logit-normal")
     assert torch.load(tmp_path / "o" / "checkpoint.pt", weights_only=True)["config"]["sampler"] == "logit-normal"

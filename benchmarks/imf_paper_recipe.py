@@ -29,10 +29,12 @@ def sample_r_t_logit_normal(n, device, boundary_frac=0.75, mu=-0.4, sigma=1.0):
     return r, t, nb
 
 
-def paper_loss(model, x, e, boundary_frac, r0_frac, sampler="logit-normal", p=0.0, c=1e-3):
-    """imf.imf_loss with the papers' sampler and/or adaptive weighting; the compound target is the same."""
+def paper_loss(model, x, e, boundary_frac, r0_frac, sampler="logit-normal", p=0.0, c=1e-3,
+               boundary_t="logit-normal"):
+    """imf.imf_loss with the papers' sampler and/or adaptive weighting; the compound target is the same.
+    boundary_t: imf.py's --boundary-t, for the split sampler."""
     if sampler == "split":
-        r, t, nb = imf.sample_r_t(len(x), x.device, boundary_frac, r0_frac)
+        r, t, nb = imf.sample_r_t(len(x), x.device, boundary_frac, r0_frac, boundary_t)
     else:
         r, t, nb = sample_r_t_logit_normal(len(x), x.device, boundary_frac)
     tb = t.view(-1, *[1] * (x.dim() - 1))
@@ -51,14 +53,14 @@ def paper_loss(model, x, e, boundary_frac, r0_frac, sampler="logit-normal", p=0.
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], add_help=False)
     p.add_argument("--sampler", default="logit-normal", choices=["split", "logit-normal"],
-                   help="(r, t): the papers' logit-normal pair, or imf.py's split")
+                   help="(r, t): the papers' logit-normal pair, or imf.py's split (with its --boundary-t)")
     p.add_argument("--adaptive-p", type=float, default=0.0, help="adaptive weighting power p (0: plain loss)")
     p.add_argument("--adaptive-c", type=float, default=1e-3, help="adaptive weighting constant c")
     args, rest = p.parse_known_args(argv)
     if imf.get_args(rest).cond:
         p.error("the papers' recipe here is unconditional: drop --cond")
     recipe = {"sampler": args.sampler, "adaptive_p": args.adaptive_p, "adaptive_c": args.adaptive_c}
-    imf.imf_loss = lambda m, x, e, y, w, bf, r0: paper_loss(m, x, e, bf, r0, *recipe.values())
+    imf.imf_loss = lambda m, x, e, y, w, bf, r0, bt: paper_loss(m, x, e, bf, r0, *recipe.values(), boundary_t=bt)
     run_config = imf.run_config
     imf.run_config = lambda a: {**run_config(a), **recipe}   # --resume refuses a checkpoint of another recipe
     if "--out" not in rest:
