@@ -333,7 +333,9 @@ def save_checkpoint(path, state):
 
 
 def config_diff(old, new):
-    return ", ".join(f"{k}={old.get(k)!r} there but {v!r} here" for k, v in new.items() if old.get(k) != v)
+    """The settings that differ, including those only one side has (None on the other)."""
+    keys = list(new) + [k for k in old if k not in new]
+    return ", ".join(f"{k}={old.get(k)!r} there but {new.get(k)!r} here" for k in keys if old.get(k) != new.get(k))
 
 
 def read_saved(path, what, device="cpu"):

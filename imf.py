@@ -12,18 +12,14 @@ Where this code departs from the papers:
   - (r, t) sampling: 70% of each batch on the boundary r = t with t ~ logit-normal(-0.4, 1), 20% on the slice
     r = 0 (t ~ U(0, 1]) whose corner (0, 1) is the one-step sampler, 10% the sorted pair of two uniform times
     (sample_r_t). The published MeanFlow/iMF code draws two logit-normal(-0.4, 1) times, sorts them and sets
-    r = t for a share, so its boundary t is the larger of two draws; none has an r = 0 slice. Measured (python
-    imf.py --seed S, 1-NFE W2 / floor, median of seeds 0, 1, 2; README): this split 2.18x; its boundary t as the
-    larger of two uniforms (--boundary-t max, this script before) 2.84x, uniform 2.34x; without the r = 0 slice
-    (--r0-frac 0) 3.06x; the papers' sorted logit-normal pair with 75% r = t 6.90x (it rarely draws the
-    one-step corner). With --steps 10800: 1.65x (--boundary-t max 1.88x, the papers' pair 4.79x). On digits the
-    larger of two uniforms measured better (FD / floor 1.88x against 1.98x), so the images keep it (--boundary-t
-    defaults per dataset).
-  - The loss is the plain squared error; the papers' adaptive weighting (p = 1, c = 1e-3) measured 7.06x
-    (--boundary-t max: 6.41x, and 6.01x with --steps 10800).
+    r = t for a share (so its boundary t is the larger of two draws); none has an r = 0 slice. Measured (python
+    imf.py --seed S, 1-NFE W2 / floor, median of seeds 0, 1, 2; README): this split 2.18x; the boundary t as the
+    larger of two uniforms (--boundary-t max) 2.84x; no r = 0 slice (--r0-frac 0) 3.06x; the papers' sampler
+    6.90x (it rarely draws the one-step corner). On digits --boundary-t max measured better (FD / floor 1.88x
+    against 1.98x), so --boundary-t defaults per dataset.
+  - The loss is the plain squared error; the papers' adaptive weighting (p = 1, c = 1e-3) measured 7.06x.
   - Training length moves the one-step number most: 3600 steps (the toys' default, about 25 s on a 2-core
-    CPU) 2.18x, --steps 10800 1.65x (about 70 s). Learning rates 6e-3 and 7e-3, 4200 steps, depth 2 at 4800
-    steps or a boundary logit-normal of another mean or width all gave medians between 2.04x and 2.28x.
+    CPU) 2.18x, --steps 10800 1.65x (about 70 s); learning rate, width, depth and batch size did not (README).
   - Small networks for 2D toys and 8x8 digits, a time embedding with low frequencies (see TimeEmbedding).
 
 Class conditioning (--cond): a label embedding with one extra "no label" index, which --label-drop (0.1) trains.
@@ -64,10 +60,10 @@ from tqdm import tqdm
 # --- method ---
 def sample_r_t(n, device, boundary_frac=0.7, r0_frac=0.2, boundary_t="logit-normal"):
     """Times r <= t, in blocks: the first n_b = boundary_frac * n have r = t (flow matching on the boundary
-    v = u(z, t, t)) with t ~ boundary_t: logit-normal(-0.4, 1) (the papers' distribution), uniform, or "max", the
-    larger of two uniform times (more rows near the noise); the next r0_frac * n have r = 0, t ~ U(0, 1]: the
-    slice u(z, 0, t) whose corner (r, t) = (0, 1) is the one-step sampler; the rest are the min and max of two
-    uniform times."""
+    v = u(z, t, t)) with t ~ boundary_t: logit-normal(-0.4, 1) (the papers' distribution of one time), uniform,
+    or "max", the larger of two uniform times (more rows near the noise); the next r0_frac * n have r = 0,
+    t ~ U(0, 1]: the slice u(z, 0, t) whose corner (r, t) = (0, 1) is the one-step sampler; the rest are the
+    min and max of two uniform times."""
     nb, n0 = round(n * boundary_frac), round(n * r0_frac)
     a, b = torch.rand(n, device=device), torch.rand(n, device=device)
     r, t = torch.minimum(a, b), torch.maximum(a, b)
@@ -369,7 +365,9 @@ def save_checkpoint(path, state):
 
 
 def config_diff(old, new):
-    return ", ".join(f"{k}={old.get(k)!r} there but {v!r} here" for k, v in new.items() if old.get(k) != v)
+    """The settings that differ, including those only one side has (None on the other)."""
+    keys = list(new) + [k for k in old if k not in new]
+    return ", ".join(f"{k}={old.get(k)!r} there but {new.get(k)!r} here" for k in keys if old.get(k) != new.get(k))
 
 
 def read_saved(path, what, device="cpu"):
@@ -811,8 +809,9 @@ def get_args(argv=None):
     p.add_argument("--r0-frac", type=fraction, default=0.2,
                    help="fraction with r = 0, t ~ U(0, 1]: the slice whose corner (0, 1) 1-NFE sampling uses")
     p.add_argument("--boundary-t", default=argparse.SUPPRESS, choices=["logit-normal", "uniform", "max"],
-                   help="time on the r = t rows: logit-normal(-0.4, 1) as in the papers, uniform, or the larger of "
-                        "two uniforms, which measured better on digits and on reflow pairs (README; "
+                   help="time on the r = t rows: logit-normal(-0.4, 1) (the papers' distribution of one time), "
+                        "uniform, or the larger of two uniforms, which measured better on digits and on reflow pairs "
+                        "and is how checkpoints made before this flag were trained (README; "
                         f"{per_data('boundary_t')})")
     args = p.parse_args(argv)
     for key, value in DEFAULTS["toys" if args.data in TOY_DATA else args.data].items():

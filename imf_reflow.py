@@ -22,8 +22,9 @@ Where this code departs from the papers:
     fm teacher (4000 steps) 1.58x; iMF teacher (--teacher imf --steps 2200, about as long) 2.51x.
   - iMF's (r, t) sampler (with its r = 0 slice) and plain squared loss are imf.py's (see its docstring), but
     the boundary rows r = t draw t as the larger of two uniform times (--boundary-t max), not from imf.py's
-    logit-normal(-0.4, 1): on the pairs that measured 1.58x against 1.77x (stage 2 retrained on each seed's
-    default stage 1 and pairs; seed 1 at 2.08x), while on independent pairs imf.py measured the reverse.
+    toy default, logit-normal(-0.4, 1): on the pairs that measured 1.58x against 1.77x (stage 2 retrained on
+    each seed's default stage 1 and pairs; seed 1 at 2.08x), while on independent pairs imf.py measured the
+    reverse.
 
 Class conditioning (--cond): a label embedding with one extra "no label" index, which --label-drop (0.1) trains
   in stage 1. With --guidance W the pairs are simulated per label (balanced classes, as in the reflow-on-MNIST
@@ -68,12 +69,12 @@ def velocity(model, z, t, labels=None, w=1.0):
     return guided(model, z, (t, t), labels, w)              # the boundary u(z, t, t) = v(z, t)
 
 
-def sample_r_t(n, device, boundary_frac=0.7, r0_frac=0.2, boundary_t="logit-normal"):
+def sample_r_t(n, device, boundary_frac=0.7, r0_frac=0.2, boundary_t="max"):
     """Times r <= t, in blocks: the first n_b = boundary_frac * n have r = t (flow matching on the boundary
-    v = u(z, t, t)) with t ~ boundary_t: logit-normal(-0.4, 1) (the papers' distribution), uniform, or "max", the
-    larger of two uniform times (more rows near the noise); the next r0_frac * n have r = 0, t ~ U(0, 1]: the
-    slice u(z, 0, t) whose corner (r, t) = (0, 1) is the one-step sampler; the rest are the min and max of two
-    uniform times."""
+    v = u(z, t, t)) with t ~ boundary_t: "max", the larger of two uniform times (more rows near the noise: better
+    on reflow pairs, see the docstring), uniform, or logit-normal(-0.4, 1) (the papers' distribution of one time,
+    imf.py's default on toys); the next r0_frac * n have r = 0, t ~ U(0, 1]: the slice u(z, 0, t) whose corner
+    (r, t) = (0, 1) is the one-step sampler; the rest are the min and max of two uniform times."""
     nb, n0 = round(n * boundary_frac), round(n * r0_frac)
     a, b = torch.rand(n, device=device), torch.rand(n, device=device)
     r, t = torch.minimum(a, b), torch.maximum(a, b)
@@ -101,7 +102,7 @@ def meanflow_jvp(model, z, r, t, v, labels=None):
         return torch.func.jvp(f, (weights, z, r, t), (zeros, v, torch.zeros_like(r), torch.ones_like(t)))
 
 
-def imf_loss(model, x, e, labels=None, guidance=1.0, boundary_frac=0.7, r0_frac=0.2, boundary_t="logit-normal"):
+def imf_loss(model, x, e, labels=None, guidance=1.0, boundary_frac=0.7, r0_frac=0.2, boundary_t="max"):
     """iMF loss ||u(z_t, r, t) + (t - r) sg(d/dt u) - v_tgt||^2 with v_theta = u(z_t, t, t) as tangent and
     v_tgt = e - x; with labels and guidance w != 1, MeanFlow's guided target w (e - x) + (1 - w) sg(v(z_t, t | no
     label)) for the labelled rows (rows whose label was dropped keep e - x)."""
@@ -483,7 +484,9 @@ def save_checkpoint(path, state):
 
 
 def config_diff(old, new):
-    return ", ".join(f"{k}={old.get(k)!r} there but {v!r} here" for k, v in new.items() if old.get(k) != v)
+    """The settings that differ, including those only one side has (None on the other)."""
+    keys = list(new) + [k for k in old if k not in new]
+    return ", ".join(f"{k}={old.get(k)!r} there but {new.get(k)!r} here" for k in keys if old.get(k) != new.get(k))
 
 
 def read_saved(path, what, device="cpu"):
@@ -982,7 +985,8 @@ def read_stored(path, config, what):
     from); None, with a one-line note, if there is none or it was made otherwise; RunError if unreadable."""
     stored = read_saved(path, what) if os.path.exists(path) else None
     if stored is not None and stored["config"] != config:
-        diff = config_diff(stored["config"], {k: v for k, v in config.items() if k != "made_from"})
+        settings = lambda c: {k: v for k, v in c.items() if k != "made_from"}  # noqa: E731
+        diff = config_diff(settings(stored["config"]), settings(config))
         print(f"note: {path} was made " + (f"with other settings ({diff})" if diff else
               f"from another {config.get('made_from', 'file').split()[0]} than this run's") + "; recomputing it")
         return None

@@ -417,7 +417,9 @@ def save_checkpoint(path, state):
 
 
 def config_diff(old, new):
-    return ", ".join(f"{k}={old.get(k)!r} there but {v!r} here" for k, v in new.items() if old.get(k) != v)
+    """The settings that differ, including those only one side has (None on the other)."""
+    keys = list(new) + [k for k in old if k not in new]
+    return ", ".join(f"{k}={old.get(k)!r} there but {new.get(k)!r} here" for k in keys if old.get(k) != new.get(k))
 
 
 def read_saved(path, what, device="cpu"):
@@ -909,7 +911,8 @@ def read_stored(path, config, what):
     from); None, with a one-line note, if there is none or it was made otherwise; RunError if unreadable."""
     stored = read_saved(path, what) if os.path.exists(path) else None
     if stored is not None and stored["config"] != config:
-        diff = config_diff(stored["config"], {k: v for k, v in config.items() if k != "made_from"})
+        settings = lambda c: {k: v for k, v in c.items() if k != "made_from"}  # noqa: E731
+        diff = config_diff(settings(stored["config"]), settings(config))
         print(f"note: {path} was made " + (f"with other settings ({diff})" if diff else
               f"from another {config.get('made_from', 'file').split()[0]} than this run's") + "; recomputing it")
         return None

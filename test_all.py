@@ -142,7 +142,7 @@ def test_boundary_t_flag_reaches_the_loss_and_the_config(tmp_path, monkeypatch):
     for mod, flags, default in ((imf, [], "logit-normal"), (imf_reflow, ["--reflow-steps", "3", "--n-pairs", "64"],
                                                             "max")):
         assert mod.get_args([]).boundary_t == default
-        for kind in ("uniform", default):
+        for kind in ("uniform", "logit-normal", "max"):
             seen, real = [], mod.sample_r_t
             monkeypatch.setattr(mod, "sample_r_t", lambda *a: seen.append(a[4]) or real(*a))
             out = tmp_path / f"{mod.__name__}-{kind}"
@@ -152,6 +152,10 @@ def test_boundary_t_flag_reaches_the_loss_and_the_config(tmp_path, monkeypatch):
             ckpt = out / ("checkpoint.pt" if mod is imf else "stage2.pt")
             config = torch.load(ckpt, weights_only=True)["config"]
             assert config.get("boundary_t") == (None if kind == "max" else kind)
+    with pytest.raises(SystemExit) as err:                 # a setting only the saved checkpoint has is named too
+        imf.main(["--out", str(tmp_path / "imf-uniform"), "--steps", "6", "--n-eval", "50", "--boundary-t", "max",
+                  "--resume"])
+    assert "boundary_t='uniform' there but None here" in str(err.value.code)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -1016,7 +1020,17 @@ def test_imf_paper_recipe_benchmark_runs(tmp_path):
     assert calls[0] == ("logit-normal", 1.0, 1e-3, {"boundary_t": "logit-normal"})   # imf.py's --boundary-t reaches it
     saved = json.load(open(tmp_path / "o" / "metrics.json"))
     assert saved["command"].startswith("python benchmarks/imf_paper_recipe.py --sampler logit-normal")
-    assert torch.load(tmp_path / "o" / "checkpoint.pt", weights_only=True)["config"]["sampler"] == "logit-normal"
+    config = torch.load(tmp_path / "o" / "checkpoint.pt", weights_only=True)["config"]
+    assert config["sampler"] == "logit-normal" and "boundary_t" not in config     # the pair ignores --boundary-t
+    calls.clear()
+    imf_paper_recipe.paper_loss = counted
+    try:
+        imf_paper_recipe.main(["--sampler", "split", "--boundary-t", "uniform", "--out", str(tmp_path / "s"),
+                               "--steps", "3", "--n-eval", "50"])
+    finally:
+        imf.imf_loss, imf.run_config, imf_paper_recipe.paper_loss = original, original_config, real
+    assert calls[0] == ("split", 0.0, 1e-3, {"boundary_t": "uniform"})
+    assert torch.load(tmp_path / "s" / "checkpoint.pt", weights_only=True)["config"]["boundary_t"] == "uniform"
     r, t, nb = imf_paper_recipe.sample_r_t_logit_normal(1000, "cpu", 0.75)
     assert nb == 750 and torch.all(r <= t) and torch.all(r[:nb] == t[:nb]) and torch.all(r[nb:] < t[nb:])
 

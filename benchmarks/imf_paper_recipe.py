@@ -53,7 +53,7 @@ def paper_loss(model, x, e, boundary_frac, r0_frac, sampler="logit-normal", p=0.
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], add_help=False)
     p.add_argument("--sampler", default="logit-normal", choices=["split", "logit-normal"],
-                   help="(r, t): the papers' logit-normal pair, or imf.py's split (with its --boundary-t)")
+                   help="(r, t): the papers' logit-normal pair, or imf.py's split (only the split uses --boundary-t)")
     p.add_argument("--adaptive-p", type=float, default=0.0, help="adaptive weighting power p (0: plain loss)")
     p.add_argument("--adaptive-c", type=float, default=1e-3, help="adaptive weighting constant c")
     args, rest = p.parse_known_args(argv)
@@ -62,7 +62,8 @@ def main(argv=None):
     recipe = {"sampler": args.sampler, "adaptive_p": args.adaptive_p, "adaptive_c": args.adaptive_c}
     imf.imf_loss = lambda m, x, e, y, w, bf, r0, bt: paper_loss(m, x, e, bf, r0, *recipe.values(), boundary_t=bt)
     run_config = imf.run_config
-    imf.run_config = lambda a: {**run_config(a), **recipe}   # --resume refuses a checkpoint of another recipe
+    used = lambda c: {k: v for k, v in c.items() if k != "boundary_t" or args.sampler == "split"}  # noqa: E731
+    imf.run_config = lambda a: {**used(run_config(a)), **recipe}  # --resume refuses a checkpoint of another recipe
     if "--out" not in rest:
         rest += ["--out", os.path.join("outputs", f"imf_paper_{args.sampler}_p{args.adaptive_p:g}_c{args.adaptive_c:g}")]
     metrics = imf.main(rest)
