@@ -1,52 +1,28 @@
-"""imf_reflow.py - improved MeanFlow trained on a reflow coupling: two stages for better one-step samples.
+"""iMF on a reflow coupling: a teacher, pairs by its ODE, then improved MeanFlow on the pairs, for one step.
 
-Method (the iMF + Reflow notes; iMF: Geng et al. 2025; reflow: Liu et al. 2023):
-  stage 1 on independent pairs (x ~ data, e ~ N(0, I)), z_t = (1 - t) * x + t * e, the teacher:
-    --teacher fm (default): flow matching on the boundary only, ||u(z_t, t, t) - (e - x)||^2; --teacher imf: iMF
-  coupling: draw noise e, integrate dz/dt = v(z, t) from t = 1 to 0 with torchdiffeq dopri5
-    (rtol = atol = 1e-5, v = u(z, t, t)): x_hat = ODE(e); the pairs are (x_hat, e)
-  stage 2 on straight lines between the pairs of stage 1, z_t = (1 - t) x_hat + t e, from its weights, iMF:
-  u(z, r, t) is the average velocity over [r, t]:       z_r = z_t - (t - r) * u(z_t, r, t)
-  boundary condition (no extra head):                    u(z, t, t) = v(z, t), the instantaneous velocity
-  MeanFlow identity:                                     v(z_t, t) = u(z_t, r, t) + (t - r) * d/dt u(z_t, r, t)
-  total derivative as one forward-mode JVP:              d/dt u = du/dz . v_theta + du/dt, tangent (v_theta, 0, 1)
-  iMF compound prediction and loss:                      V = u(z_t, r, t) + (t - r) * sg(d/dt u),  ||V - (e - x)||^2
-  one step from noise e:                                 x = e - u(e, r=0, t=1)
-  The coupling is deterministic (one x_hat for each e), so at t = 1 the target e - x_hat has nothing to
-  average over, unlike on independent pairs. Stage 2 learns the teacher's ODE map: it lands near the
-  teacher ODE's quality (the tests' brief runs: 0.99x to 1.07x of its W2).
+iMF (Geng et al., "Mean Flows for One-step Generative Modeling", 2025) trained on the coupling of reflow (Liu
+et al., ICLR 2023), with the collection's time convention: data x at t = 0, noise e ~ N(0, I) at t = 1.
+  stage 1    the teacher on independent pairs, z_t = (1 - t) x + t e: flow matching on the boundary,
+             || u_theta(z_t, t, t) - (e - x) ||^2 (--teacher fm), or iMF as in stage 2 (--teacher imf)
+  coupling   draw e, integrate dz/dt = v(z, t) = u(z, t, t) from t = 1 to 0 with dopri5: x_hat = ODE(e)
+  stage 2    iMF on the straight lines between the pairs (x_hat, e), from the teacher's weights:
+             z_r = z_t - (t - r) u(z_t, r, t), u(z, t, t) = v(z, t), v(z_t, t) = u + (t - r) d/dt u, with
+             d/dt u = du/dz . v_theta + du/dt by one JVP with tangent (v_theta, 0, 1), v_theta = u_theta(z_t, t, t);
+             loss || u_theta(z_t, r, t) + (t - r) sg(d/dt u) - (e - x_hat) ||^2
+  one step   x = e - u_theta(e, r = 0, t = 1); stage 2 lands near its teacher's ODE
+  guidance   --cond --guidance W: the pairs come per label from the teacher's guided ODE (the fm teacher guided
+             at sampling, the iMF teacher with W in its target); stage 2 samples without guidance
+Departures from the papers (measured: RESULTS.md): the default teacher is flow matching, not iMF (half the
+cost per step, and a better stage 2); iMF's (r, t) sampler of imf.py, with the boundary t the larger of two
+uniforms (--boundary-t max), which did better on the pairs; small networks, a low-frequency time embedding.
 
-Where this code departs from the papers:
-  - Flow matching, not the notes' iMF, is the default teacher: its step costs about half an iMF step, and
-    stage 2 inherits the teacher's ODE. Measured on moons (1-NFE W2 / floor, median of seeds 0-2; README):
-    fm teacher (4000 steps) 1.58x; iMF teacher (--teacher imf --steps 2200, about as long) 2.51x.
-  - iMF's (r, t) sampler (with its r = 0 slice) and plain squared loss are imf.py's (see its docstring), but
-    the boundary rows r = t draw t as the larger of two uniform times (--boundary-t max), not from imf.py's
-    toy default, logit-normal(-0.4, 1): on the pairs that measured 1.58x against 1.77x (stage 2 retrained on
-    each seed's default stage 1 and pairs; seed 1 at 2.08x), while on independent pairs imf.py measured the
-    reverse.
-
-Class conditioning (--cond): a label embedding with one extra "no label" index, which --label-drop (0.1) trains
-  in stage 1. With --guidance W the pairs are simulated per label (balanced classes, as in the reflow-on-MNIST
-  notes) on the teacher's guided ODE: the fm teacher is guided at sampling, v = v(no label) + W (v(label) -
-  v(no label)), two network evaluations per step; --teacher imf has W in its training target (MeanFlow's
-  w (e - x) + (1 - w) sg(u(z_t, t, t | no label))). Stage 2 learns the guided coupling and samples without
-  guidance: one step is one network evaluation.
-
-Time convention (the whole collection): data x at t = 0, noise e at t = 1,
-  z_t = (1 - t) * x + t * e,  v = dz_t/dt = e - x,  sampling runs from t = 1 down to t = 0.
-  (Flow Matching / Rectified Flow papers put noise at t = 0: map their t to 1 - t; the Rectified Flow
-  paper's X1 - X0, target minus source, is our z_0 - z_1, and its velocity is minus ours.)
-
-Run:   python imf_reflow.py                  # moons: teacher, dopri5 pairs, iMF; about 1.5 minutes on a 2-core CPU
-       python imf_reflow.py --teacher imf    # iMF teacher, as in the notes (see the README for both)
-       python imf_reflow.py --data digits    # 8x8 digits, offline, about 2 minutes; defaults per dataset (--help)
-       python imf_reflow.py --data digits --cond --guidance 2  # pairs per label from the guided teacher
-Outputs in --out (default outputs/<script name>/): results.png, samples.npz, metrics.json, stage1.pt,
-pairs1.pt, stage2.pt, ... A later run reuses a stage or pairs file made with its settings from the same files.
+  python imf_reflow.py                  # moons: teacher, dopri5 pairs, iMF; about a minute on a laptop CPU
+  python imf_reflow.py --teacher imf    # an iMF teacher, as in the two-stage notes
+Files in --out: stage1.pt, pairs1.pt, stage2.pt; a later run reuses those made with its settings.
 """
 import argparse
 import copy
+import functools
 import hashlib
 import json
 import math
@@ -64,80 +40,76 @@ from tqdm import tqdm
 
 # --- method ---
 def velocity(model, z, t, labels=None, w=1.0):
-    """The instantaneous velocity v(z, t) that the network gives, whose ODE makes the pairs; for the labels
-    asked for, guided with weight w (w != 1: two network evaluations)."""
-    return guided(model, z, (t, t), labels, w)              # the boundary u(z, t, t) = v(z, t)
+    """The instantaneous velocity v(z, t) = u_theta(z, t, t); with labels and w != 1, classifier-free guidance
+    v(no label) + w (v(label) - v(no label)), two network evaluations made as one batched call."""
+    if labels is None or w == 1:
+        return model(z, t, t, labels=labels)
+    null = torch.full_like(labels, model.n_classes)
+    uncond, cond = model(torch.cat([z, z]), torch.cat([t, t]), torch.cat([t, t]),
+                         labels=torch.cat([null, labels])).chunk(2)
+    return uncond + w * (cond - uncond)
 
 
 def sample_r_t(n, device, boundary_frac=0.7, r0_frac=0.2, boundary_t="max"):
-    """Times r <= t, in blocks: the first n_b = boundary_frac * n have r = t (flow matching on the boundary
-    v = u(z, t, t)) with t ~ boundary_t: "max", the larger of two uniform times (more rows near the noise: better
-    on reflow pairs, see the docstring), uniform, or logit-normal(-0.4, 1) (the papers' distribution of one time,
-    imf.py's default on toys); the next r0_frac * n have r = 0, t ~ U(0, 1]: the slice u(z, 0, t) whose corner
-    (r, t) = (0, 1) is the one-step sampler; the rest are the min and max of two uniform times."""
-    nb, n0 = round(n * boundary_frac), round(n * r0_frac)
+    """Times r <= t in blocks: the first nb = boundary_frac * n rows r = t (flow matching on the boundary
+    u(z, t, t) = v(z, t)) with t ~ logit-normal(-0.4, 1) or the larger of two uniforms ("max"); the next
+    r0_frac * n rows r = 0, t ~ U(0, 1] (the slice whose corner (0, 1) is one-step sampling); the rest the
+    min and max of two uniform times. Returns r, t and nb."""
+    nb, n0 = round(n * boundary_frac), round(n * (boundary_frac + r0_frac)) - round(n * boundary_frac)
     a, b = torch.rand(n, device=device), torch.rand(n, device=device)
     r, t = torch.minimum(a, b), torch.maximum(a, b)
     if boundary_t == "logit-normal":
-        t[:nb] = torch.sigmoid(torch.randn(nb, device=device) - 0.4)   # sigmoid(N(-0.4, 1))
-    elif boundary_t == "uniform":
-        t[:nb] = a[:nb]
+        t[:nb] = torch.sigmoid(torch.randn(nb, device=device) - 0.4)
     elif boundary_t != "max":
-        raise ValueError(f"boundary_t must be logit-normal, uniform or max, got {boundary_t!r}")
+        raise ValueError(f"boundary_t must be logit-normal or max, got {boundary_t!r}")
     r[:nb] = t[:nb]
     r[nb:nb + n0], t[nb:nb + n0] = 0.0, 1.0 - a[nb:nb + n0]
     return r, t, nb
 
 
 def meanflow_jvp(model, z, r, t, v, labels=None):
-    """u(z, r, t) and its total derivative d/dt u = du/dz . v + du/dt: one batched forward-mode JVP
-    with tangent (v, 0, 1). The model treats samples independently, so no per-sample vmap is needed.
-    Weights enter as inputs with explicit zero tangents: the same result, and several times faster on
-    CPU than letting torch.func treat them as constants (their implicit zero tangents broadcast slowly)."""
+    """u(z, r, t) and d/dt u = du/dz . v + du/dt: one batched forward-mode JVP with tangent (v, 0, 1). The
+    weights are inputs with zero tangents: the same result, several times faster on a CPU than constants."""
     weights = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     zeros = {k: torch.zeros_like(w) for k, w in weights.items()}
     f = lambda w, z, r, t: torch.func.functional_call(model, w, (z, r, t), {"labels": labels})  # noqa: E731
-    with warnings.catch_warnings():                        # torch.func.jvp's first call: "torch.jit.script
-        warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated")  # is deprecated"
+    with warnings.catch_warnings():                         # torch.func.jvp: "torch.jit.script is deprecated"
+        warnings.filterwarnings("ignore", message=".*torch.jit.script")
         return torch.func.jvp(f, (weights, z, r, t), (zeros, v, torch.zeros_like(r), torch.ones_like(t)))
 
 
 def imf_loss(model, x, e, labels=None, guidance=1.0, boundary_frac=0.7, r0_frac=0.2, boundary_t="max"):
-    """iMF loss ||u(z_t, r, t) + (t - r) sg(d/dt u) - v_tgt||^2 with v_theta = u(z_t, t, t) as tangent and
-    v_tgt = e - x; with labels and guidance w != 1, MeanFlow's guided target w (e - x) + (1 - w) sg(v(z_t, t | no
-    label)) for the labelled rows (rows whose label was dropped keep e - x)."""
+    """iMF: ||u(z_t, r, t) + (t - r) sg(d/dt u) - v_tgt||^2 with the tangent v_theta = u(z_t, t, t) and
+    v_tgt = e - x; with guidance w != 1 the labelled rows' v_tgt is w (e - x) + (1 - w) sg(u(z_t, t, t | no label))."""
     r, t, nb = sample_r_t(len(x), x.device, boundary_frac, r0_frac, boundary_t)
     tb = t.view(-1, *[1] * (x.dim() - 1))
     z = (1 - tb) * x + tb * e                               # z_t = (1 - t) x + t e
-    u = model(z, r, t, labels=labels)                       # u_theta(z_t, r, t | label), trained
-    with torch.no_grad():                                   # sg(.): no graph for the JVP term, which
-        zj, rj, tj = z[nb:], r[nb:], t[nb:]                 # vanishes on the boundary r = t: skip it there
+    u = model(z, r, t, labels=labels)                       # u_theta(z_t, r, t), trained
+    with torch.no_grad():                                   # sg(.); the JVP term vanishes where r = t
+        zj, rj, tj = z[nb:], r[nb:], t[nb:]
         lj = None if labels is None else labels[nb:]
-        v_theta = model(zj, tj, tj, labels=lj)              # boundary condition: v(z, t) = u(z, t, t)
-        _, dudt = meanflow_jvp(model, zj, rj, tj, v_theta, lj)  # d/dt u along the tangent (v_theta, 0, 1)
+        v_theta = model(zj, tj, tj, labels=lj)              # boundary condition v(z, t) = u(z, t, t)
+        _, dudt = meanflow_jvp(model, zj, rj, tj, v_theta, lj)
         target = e - x                                      # the conditional velocity
-        if labels is not None and guidance != 1:            # guided: w (e - x) + (1 - w) v(z_t, t | no label)
+        if labels is not None and guidance != 1:
             null = torch.full_like(labels, model.n_classes)
-            v_null = model(z, t, t, labels=null)
             keep = (labels != null).view(-1, *tb.shape[1:])
-            target = torch.where(keep, guidance * target + (1 - guidance) * v_null, target)
-    V = torch.cat([u[:nb], u[nb:] + (tj - rj).view(-1, *tb.shape[1:]) * dudt])  # compound V_theta
-    return ((V - target) ** 2).mean()                       # regress the (guided) velocity
+            target = torch.where(keep, guidance * target + (1 - guidance) * model(z, t, t, labels=null), target)
+    V = torch.cat([u[:nb], u[nb:] + (tj - rj).view(-1, *tb.shape[1:]) * dudt])   # the compound prediction
+    return ((V - target) ** 2).mean()
 
 
 @torch.no_grad()
 def sample(model, e, nfe, labels=None):
-    """nfe equal steps from t = 1 to 0 with z_r = z_t - (t - r) u(z_t, r, t); nfe = 1 is x = e - u(e, 0, 1).
-    Guidance, if any, was trained into u: one network evaluation per step, with or without labels."""
+    """nfe equal steps from t = 1 to 0, z_r = z_t - (t - r) u(z_t, r, t); nfe = 1 is x = e - u(e, 0, 1)."""
     z, ts = e, torch.linspace(1.0, 0.0, nfe + 1, device=e.device)
     for i in range(nfe):
-        t, r = ts[i].expand(len(e)), ts[i + 1].expand(len(e))
-        z = z - (ts[i] - ts[i + 1]) * model(z, r, t, labels=labels)
+        z = z - (ts[i] - ts[i + 1]) * model(z, ts[i + 1].expand(len(e)), ts[i].expand(len(e)), labels=labels)
     return z
 
 
 def fm_loss(model, x, e, labels=None):
-    """Flow-matching teacher (--teacher fm): only the boundary u(z_t, t, t) = v(z_t, t) is trained, no JVP."""
+    """The flow-matching teacher (--teacher fm): only the boundary u(z_t, t, t) = v(z_t, t) is trained, no JVP."""
     t = torch.rand(len(x), device=x.device)
     tb = t.view(-1, *[1] * (x.dim() - 1))
     z = (1 - tb) * x + tb * e
@@ -146,7 +118,7 @@ def fm_loss(model, x, e, labels=None):
 
 @torch.no_grad()
 def euler_sample(model, e, steps, labels=None, w=1.0):
-    """Fixed-step Euler from t = 1 to 0: z <- z + (t_next - t) v(z, t); one step is x = e - v(e, 1)."""
+    """Euler from t = 1 to 0 in equal steps: z <- z + (t_next - t) v(z, t)."""
     z, ts = e, torch.linspace(1.0, 0.0, steps + 1, device=e.device)
     for i in range(steps):
         z = z + (ts[i + 1] - ts[i]) * velocity(model, z, ts[i].expand(len(e)), labels, w)
@@ -154,26 +126,25 @@ def euler_sample(model, e, steps, labels=None, w=1.0):
 
 
 @torch.no_grad()
-def ode_generate(model, e, rtol=1e-5, atol=1e-5, n_grid=1, time_dtype=None, labels=None, w=1.0):
-    """dopri5 (torchdiffeq) for dz/dt = v(z, t) from t = 1 to 0. Returns the states at n_grid + 1 equally
-    spaced times (path[0] = e, path[-1] = x_hat) and the number of network evaluations. dopri5's time
-    is float64, or float32 on MPS (ode_time_dtype)."""
+def ode_generate(model, e, tol=1e-5, labels=None, w=1.0, n_grid=1):
+    """Integrate dz/dt = v(z, t) from t = 1 to 0 with torchdiffeq's dopri5 (rtol = atol = tol). Returns the
+    states at n_grid + 1 equally spaced times (the last: x_hat) and the number of network evaluations."""
     from torchdiffeq import odeint
     nfe = [0]
 
     def f(t, z):
-        nfe[0] += 1 if labels is None or w == 1 else 2     # guidance: conditional and unconditional
+        nfe[0] += 1 if labels is None or w == 1 else 2     # guided: two evaluations
         return velocity(model, z, t.expand(len(z)), labels, w)
 
-    dtype = time_dtype or ode_time_dtype(e.device)
+    options = {"dtype": torch.float32 if e.device.type == "mps" else torch.float64}   # MPS has no float64
     ts = torch.linspace(1.0, 0.0, n_grid + 1, device=e.device)
-    return odeint(f, e, ts, method="dopri5", rtol=rtol, atol=atol, options={"dtype": dtype}), nfe[0]
+    return odeint(f, e, ts, method="dopri5", rtol=tol, atol=tol, options=options), nfe[0]
 
 
 @torch.no_grad()
 def straightness(model, path, labels=None, w=1.0):
-    """From an ODE path z(t_i), t_i = 1 ... 0: S = E int_0^1 ||(z_1 - z_0) - v(z_t, t)||^2 dt (Riemann sum;
-    0 for straight paths) and the transport cost C = E ||z_0 - z_1||^2, with z_1 = e and z_0 = x_hat."""
+    """From an ODE path z(t_i), t_i = 1 ... 0: S = E int_0^1 ||(z_1 - z_0) - v(z_t, t)||^2 dt (a Riemann sum; 0
+    for straight paths) and the transport cost C = E ||z_0 - z_1||^2, with z_1 = e and z_0 = x_hat."""
     ts = torch.linspace(1.0, 0.0, len(path), device=path.device)
     line = path[0] - path[-1]
     S = torch.stack([((line - velocity(model, z, t.expand(len(z)), labels, w)) ** 2).flatten(1).sum(1)
@@ -181,101 +152,48 @@ def straightness(model, path, labels=None, w=1.0):
     return S, (line ** 2).flatten(1).sum(1).mean().item()
 
 
-def make_pairs(model, n, shape, seed, rtol=1e-5, atol=1e-5, n_classes=0, w=1.0, chunk=4096):
-    """The coupling of a trained stage: n noise samples e and x_hat = ODE(e) by dopri5, in chunks; with
+def make_pairs(model, n, shape, seed, tol=1e-5, n_classes=0, w=1.0, chunk=4096):
+    """The coupling of a trained flow: n noise samples e and x_hat = ODE(e) by dopri5, in chunks; with
     n_classes, per label (each class n / n_classes times) on the ODE guided with weight w. Returns x_hat, e,
-    the labels (None if unconditional; all on the CPU) and the number of network evaluations."""
+    the labels (None if unconditional), all on the CPU, and the number of network evaluations."""
     device = next(model.parameters()).device
     e = torch.randn(n, *shape, generator=torch.Generator().manual_seed(seed))
     labels = torch.arange(n) % n_classes if n_classes else None
-    x, nfe = [], 0
+    x_hat, nfe = [], 0
     for i, part in enumerate(tqdm(e.split(chunk), desc="pairs (dopri5)", mininterval=1.0)):
         y = None if labels is None else labels[i * chunk:(i + 1) * chunk].to(device)
-        path, k = ode_generate(model, part.to(device), rtol, atol, labels=y, w=w)
-        x.append(path[-1].cpu())
+        path, k = ode_generate(model, part.to(device), tol, y, w)
+        x_hat.append(path[-1].cpu())
         nfe += k
-    return torch.cat(x), e, labels, nfe
+    return torch.cat(x_hat), e, labels, nfe
 
 
-def pair_sampler(x_hat, e, labels, batch_size, seed):
-    """draw() for a stage trained on the pairs: random rows (x_hat, e, label or None); and the numpy Generator
-    it uses."""
+def pair_batches(x_hat, e, labels, n, seed):
+    """Endless batches (x_hat, e, labels) of random pairs: what a reflow stage trains on."""
     rng = np.random.default_rng(seed)
-
-    def draw():
-        i = torch.from_numpy(rng.integers(len(x_hat), size=batch_size)).to(x_hat.device)
-        return x_hat[i], e[i], None if labels is None else labels[i]
-    return draw, rng
-
-
-def imf_reflow_recipe(teacher="fm", boundary_frac=0.7, r0_frac=0.2, guidance=1.0, boundary_t="max"):
-    """Stage 1, the teacher: flow matching on u(z, t, t), sampled with Euler steps of v (its u(z, r, t) for r < t
-    is untrained), or iMF; stage 2: iMF on the teacher's pairs, sampled with z_r = z_t - (t - r) u. The third
-    entry is the guidance weight a stage samples with: the fm teacher is guided at sampling, the iMF teacher
-    has it in its target; the pairs come from the guided ODE, per label, so stage 2 needs none."""
-    imf = lambda w: lambda m, x, e, y: imf_loss(m, x, e, y, w, boundary_frac, r0_frac, boundary_t)  # noqa: E731
-    first = (fm_loss, euler_sample, guidance) if teacher == "fm" else (imf(guidance), sample, 1.0)
-    return [first, (imf(1.0), sample, 1.0)], None
-
-
-def train_stages(train_stage, get_pairs, draw_data, data_rngs, recipe, side=None, from_scratch=False,
-                 batch_size=512, seed=0):
-    """recipe: one (loss_fn, few-step sampler, guidance weight) per stage. Stage 1 trains on independent
-    (x ~ data, e ~ N(0, I)); then for k = 1, 2, ...: the pairs (x_hat, e) = (ODE_k(e), e) of stage k (and their
-    labels), and stage k + 1 on straight lines between them, from stage k's weights (new ones with from_scratch).
-    side = (name, loss_fn, sampler, w): one more model on the last pairs. train_stage(name, loss_fn, draw, rngs,
-    init) -> (model, finished); get_pairs(k, model, w) -> (x_hat, e, labels). Returns {name: (model, sampler, w)}."""
-    model, finished = train_stage("stage1", recipe[0][0], draw_data, data_rngs, None)
-    stages = {"stage1": (model, *recipe[0][1:])}
-    for k in range(1, len(recipe)):
-        if not finished:
-            break
-        model, _, w = stages[f"stage{k}"]
-        x_hat, e, labels = get_pairs(k, model, w)
-        jobs = [(f"stage{k + 1}", *recipe[k])] + ([side] if side and k == len(recipe) - 1 else [])
-        for name, loss_fn, sampler, w in jobs:
-            torch.manual_seed(seed + 5000 + k)             # its own seed: the same stage whether or not the
-            draw, rng = pair_sampler(x_hat, e, labels, batch_size, seed + 5000 + k)  # earlier ones were reused
-            init = None if from_scratch else stages[f"stage{k}"][0]
-            model, finished = train_stage(name, loss_fn, draw, [rng], init)
-            stages[name] = (model, sampler, w)
-            if not finished:
-                break
-    return stages
+    while True:
+        i = torch.from_numpy(rng.integers(len(x_hat), size=n)).to(x_hat.device)
+        yield x_hat[i], e[i], None if labels is None else labels[i]
 
 
 # --- model ---
-class TimeEmbedding(nn.Module):
-    """Sinusoidal embedding of t in [0, 1] with low frequencies (1..max_freq rad): the iMF loss differentiates
-    the network in t, and high frequencies (up to 30 rad) made 1-NFE samples about 1.3x worse here."""
-
-    def __init__(self, dim=64, max_freq=2.0):
-        super().__init__()
-        self.register_buffer("freqs", torch.exp(torch.linspace(0.0, math.log(max_freq), dim // 2)))
-
-    def forward(self, t):
-        angles = t[:, None] * self.freqs
-        return torch.cat([angles.sin(), angles.cos()], dim=-1)
-
-
 def embed_inputs(net, times, labels):
-    """The times' sinusoidal embeddings and, for a class-conditional net, its label embedding (labels None:
-    the extra "no label" index n_classes, which --label-drop trains), concatenated."""
-    parts = [net.embed(t) for t in times]
+    """Sinusoidal embeddings of the times in [0, 1] at low frequencies (1 to 2 rad: iMF differentiates the
+    network in t, and up to 30 rad made its one-step samples worse), and of the labels (None: "no label")."""
+    freqs = torch.exp(torch.linspace(0.0, math.log(2.0), 32, device=times[0].device))
+    parts = [torch.cat([(t[:, None] * freqs).sin(), (t[:, None] * freqs).cos()], dim=-1) for t in times]
     if net.n_classes:
-        if labels is None:
-            labels = torch.full((len(times[0]),), net.n_classes, dtype=torch.long, device=times[0].device)
-        parts.append(net.label(labels))
+        no_label = torch.full_like(times[0], net.n_classes, dtype=torch.long)
+        parts.append(net.label(no_label if labels is None else labels))
     return torch.cat(parts, dim=-1)
 
 
 class ResMLP(nn.Module):
-    """Residual MLP for 2D data, conditioned on n_times scalar times and optionally a class label:
-    forward(z, *times, labels=None)."""
+    """Residual MLP for 2D points: forward(z, *times, labels=None)."""
 
-    def __init__(self, dim=2, n_times=1, hidden=128, depth=3, emb=64, n_classes=0):
+    def __init__(self, n_times=1, n_classes=0, dim=2, hidden=64, depth=3, emb=64):
         super().__init__()
-        self.embed, self.n_classes = TimeEmbedding(emb), n_classes
+        self.n_classes = n_classes
         if n_classes:
             self.label = nn.Embedding(n_classes + 1, emb)   # index n_classes: no label
         self.cond = nn.Sequential(nn.Linear((n_times + (n_classes > 0)) * emb, hidden), nn.SiLU(),
@@ -295,27 +213,26 @@ class ResMLP(nn.Module):
 
 
 class SmallUNet(nn.Module):
-    """U-Net for small images (C channels, any even height and width), conditioned on n_times times and
-    optionally a class label: forward(z, *times, labels=None). Full and half resolution (ch and 2 ch channels:
-    8x8 digits); with deep=True also a quarter resolution with 4 ch channels (28x28 MNIST: 28 -> 14 -> 7),
-    which sees a whole digit for little compute."""
+    """U-Net for images (C, H, W), forward(z, *times, labels=None): full and half resolution (ch, 2 ch channels),
+    and for H, W multiples of 4 and at least 16 a quarter resolution (4 ch), which sees a whole 28x28 digit."""
 
-    def __init__(self, in_ch=1, n_times=1, ch=32, emb=64, n_classes=0, deep=False):
+    def __init__(self, shape, n_times=1, ch=32, n_classes=0, emb=64):
         super().__init__()
-        self.embed, self.n_classes, self.ch, self.deep = TimeEmbedding(emb), n_classes, ch, deep
+        self.n_classes, self.ch = n_classes, ch
+        self.deep = shape[1] % 4 == 0 and shape[2] % 4 == 0 and min(shape[1:]) >= 16
         if n_classes:
             self.label = nn.Embedding(n_classes + 1, emb)   # index n_classes: no label
         self.cond = nn.Sequential(nn.Linear((n_times + (n_classes > 0)) * emb, 4 * ch), nn.SiLU(),
-                                  nn.Linear(4 * ch, (7 if deep else 3) * ch))
-        self.in1 = nn.Conv2d(in_ch, ch, 3, padding=1)
+                                  nn.Linear(4 * ch, (7 if self.deep else 3) * ch))
+        self.in1 = nn.Conv2d(shape[0], ch, 3, padding=1)
         self.in2 = nn.Conv2d(ch, ch, 3, padding=1)
         self.down = nn.Conv2d(ch, 2 * ch, 4, stride=2, padding=1)
         self.mid1 = nn.Conv2d(2 * ch, 2 * ch, 3, padding=1)
         self.mid2 = nn.Conv2d(2 * ch, 2 * ch, 3, padding=1)
         self.up = nn.ConvTranspose2d(2 * ch, ch, 4, stride=2, padding=1)
         self.out1 = nn.Conv2d(2 * ch, ch, 3, padding=1)
-        self.out2 = nn.Conv2d(ch, in_ch, 3, padding=1)
-        if deep:                                            # quarter resolution, added to the half one
+        self.out2 = nn.Conv2d(ch, shape[0], 3, padding=1)
+        if self.deep:
             self.down2 = nn.Conv2d(2 * ch, 4 * ch, 4, stride=2, padding=1)
             self.deep1 = nn.Conv2d(4 * ch, 4 * ch, 3, padding=1)
             self.deep2 = nn.Conv2d(4 * ch, 4 * ch, 3, padding=1)
@@ -327,7 +244,7 @@ class SmallUNet(nn.Module):
         h1 = F.silu(self.in2(F.silu(self.in1(z))) + c1)
         d = F.silu(self.down(h1))
         m = d + self.mid2(F.silu(self.mid1(d + c2)))
-        if self.deep:
+        if self.deep:                                       # quarter resolution, added to the half one
             q = F.silu(self.down2(F.silu(m)))
             q = q + self.deep2(F.silu(self.deep1(q + c3)))
             m = m + self.up2(F.silu(q))
@@ -335,48 +252,27 @@ class SmallUNet(nn.Module):
         return self.out2(F.silu(self.out1(torch.cat([u, h1], dim=1))))
 
 
-def make_model(shape, n_times, hidden=64, depth=3, channels=32, n_classes=0):
-    """A residual MLP for 2D points, a small U-Net for images (C, H, W), with a quarter-resolution level when H
-    and W are multiples of 4 and at least 16; forward(z, *times, labels=None). n_classes > 0: class-conditional,
-    with a label embedding of n_classes + 1 entries (the last: no label)."""
-    if len(shape) == 1:
-        return ResMLP(shape[0], n_times, hidden, depth, n_classes=n_classes)
-    if shape[1] % 2 or shape[2] % 2:
-        raise RunError(f"the U-Net needs an even image height and width, got {shape[1]}x{shape[2]}")
-    deep = shape[1] % 4 == 0 and shape[2] % 4 == 0 and min(shape[1:]) >= 16
-    return SmallUNet(shape[0], n_times, channels, n_classes=n_classes, deep=deep)
-
-
-def guided(model, z, times, labels=None, w=1.0):
-    """The network at (z, *times) for these labels (None: unconditional). With w != 1, classifier-free guidance
-    out(no label) + w (out(label) - out(no label)): two network evaluations, made as one batched call."""
-    if labels is None or w == 1:
-        return model(z, *times, labels=labels)
-    null = torch.full_like(labels, model.n_classes)
-    out = model(torch.cat([z, z]), *[torch.cat([t, t]) for t in times], labels=torch.cat([null, labels]))
-    uncond, cond = out.chunk(2)
-    return uncond + w * (cond - uncond)
+def make_model(shape, n_times, channels=32, n_classes=0):
+    """ResMLP for 2D points, SmallUNet for images; n_times time inputs; n_classes > 0: class-conditional."""
+    return ResMLP(n_times, n_classes) if shape == (2,) else SmallUNet(shape, n_times, channels, n_classes)
 
 
 # --- data ---
 class RunError(Exception):
-    """A problem the user can fix (a missing device or download, an unreadable or mismatched file, a diverged
-    loss): the functions raise it, and only main turns it into a one-line message and an exit code."""
+    """A problem the user can fix (a file, a device, a download, a diverged loss); main prints it in one line."""
 
 
-# Toys: a pool of 65,536 points generated at start (batches are drawn from it), scaled with fixed
-# constants to about zero mean and unit variance; held-out and floor sets come from other seeds.
-TOY_DATA = ["moons", "8gaussians", "checkerboard", "spirals", "circles"]
-IMAGE_DATA = ["digits", "mnist"]
-N_CLASSES = {"moons": 2, "circles": 2, "spirals": 2, "8gaussians": 8, "digits": 10, "mnist": 10}  # for --cond
+TOYS = ["moons", "8gaussians", "checkerboard", "spirals", "circles"]
+N_CLASSES = {"moons": 2, "circles": 2, "spirals": 2, "8gaussians": 8, "digits": 10, "mnist": 10}
+# Each toy's fixed centre and scale (to about zero mean and unit variance), not per-batch statistics.
 TOY_CENTER_SCALE = {"moons": ([0.5, 0.25], [0.87, 0.5]), "8gaussians": ([0.0, 0.0], [1.5, 1.5]),
                     "checkerboard": ([0.0, 0.0], [1.15, 1.15]), "spirals": ([0.0, 0.0], [1.6, 1.6]),
                     "circles": ([0.0, 0.0], [0.56, 0.56])}
 
 
 def toy_points(name, n, rng):
-    """n points of a 2D toy in its own (unnormalised) coordinates, from the numpy Generator rng, and their
-    labels: the moon, the circle, the spiral arm, the Gaussian (checkerboard: none, -1)."""
+    """n points of a 2D toy in its own coordinates, drawn with the numpy Generator rng, and their labels:
+    the moon, circle, spiral arm or Gaussian (checkerboard: none, -1)."""
     from sklearn.datasets import make_circles, make_moons
     if name == "moons":
         return make_moons(n, noise=0.05, random_state=int(rng.integers(2**31)))
@@ -390,74 +286,65 @@ def toy_points(name, n, rng):
         x1 = rng.uniform(-2, 2, n)
         x2 = rng.uniform(0, 1, n) - 2 * rng.integers(2, size=n) + np.floor(x1) % 2
         return np.stack([x1, x2], 1), np.full(n, -1)
-    if name == "spirals":
-        s = np.sqrt(rng.uniform(0, 1, n)) * 3 * np.pi
-        k = rng.integers(2, size=n)
-        sign = np.where(k == 0, 1.0, -1.0)[:, None]
-        pts = sign * np.stack([-np.cos(s) * s, np.sin(s) * s], 1) / 4
-        return pts + 0.08 * rng.standard_normal((n, 2)), k
-    raise ValueError(f"unknown toy dataset {name!r}")
+    s = np.sqrt(rng.uniform(0, 1, n)) * 3 * np.pi           # spirals
+    k = rng.integers(2, size=n)
+    sign = np.where(k == 0, 1.0, -1.0)[:, None]
+    return sign * np.stack([-np.cos(s) * s, np.sin(s) * s], 1) / 4 + 0.08 * rng.standard_normal((n, 2)), k
 
 
 def load_images(name, data_dir):
-    """(train, train labels, heldout, heldout labels): images as float tensors (N, C, H, W) in [0, 1], labels
-    as int64 tensors."""
+    """(train, train labels, held-out, held-out labels): images (N, C, H, W) in [0, 1], int64 labels."""
     if name == "digits":
         from sklearn.datasets import load_digits
-        digits = load_digits()
-        x, y = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0, torch.tensor(digits.target).long()
+        x, y = load_digits(return_X_y=True)
+        x, y = torch.tensor(x, dtype=torch.float32).view(-1, 1, 8, 8) / 16, torch.tensor(y)
         perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(1234))
         return x[perm[360:]], y[perm[360:]], x[perm[:360]], y[perm[:360]]
     try:
         from torchvision.datasets import MNIST
         train, test = MNIST(data_dir, train=True, download=True), MNIST(data_dir, train=False, download=True)
-    except Exception as err:  # no network, bad files, ...
-        raise RunError(f"could not load MNIST from {data_dir!r} ({type(err).__name__}: {err}); "
-                       "try --data digits, which works offline") from None
-    return (train.data[:, None].float() / 255.0, train.targets.long(), test.data[:2000, None].float() / 255.0,
-            test.targets[:2000].long())
+    except Exception as err:                                # no network, broken files, ...
+        why = " ".join(str(err).split())[:120]            # (torchvision's messages have several lines)
+        raise RunError(f"cannot load MNIST in {data_dir!r} ({type(err).__name__}: {why}); "
+                       "--data digits works offline") from None
+    return train.data[:, None] / 255, train.targets, test.data[:2000, None] / 255, test.targets[:2000]
 
 
 class Data:
-    """Training batches in model coordinates, held-out samples (and labels) in data coordinates. The floor
-    sets are real sets the size of the held-out one: one for the toys, five training subsets for images."""
+    """Training batches in model coordinates (toys scaled by fixed constants, images in [-1, 1]); held-out
+    samples and labels in data coordinates, and for toys a second real set for the W2 floor."""
 
     def __init__(self, name, data_dir, seed, device, n_eval):
-        self.name, self.device, self.data_dir = name, device, data_dir
+        self.name, self.seed, self.device, self.n_classes = name, seed, device, N_CLASSES.get(name, 0)
         self.rng = np.random.default_rng(seed)
-        self.n_classes = N_CLASSES.get(name, 0)
-        if name in TOY_DATA:
-            self.shape = (2,)
-            pool, labels = toy_points(name, 2**16, self.rng)
-            self.pool, self.labels = torch.tensor(pool, dtype=torch.float32), torch.tensor(labels).long()
-            center, scale = TOY_CENTER_SCALE[name]
-            self.center, self.scale = torch.tensor(center), torch.tensor(scale)
+        if name in TOYS:
+            pool, labels = toy_points(name, 2**16, self.rng)    # batches are drawn from this pool
+            self.center, self.scale = (torch.tensor(v) for v in TOY_CENTER_SCALE[name])
+            self.train = (torch.tensor(pool, dtype=torch.float32) - self.center) / self.scale
+            self.labels = torch.tensor(labels)
             heldout, self.heldout_labels = toy_points(name, n_eval, np.random.default_rng(seed + 1000))
             self.heldout = heldout.astype(np.float32)
-            self.floor_sets = [toy_points(name, n_eval, np.random.default_rng(seed + 2000))[0].astype(np.float32)]
+            self.floor = toy_points(name, n_eval, np.random.default_rng(seed + 2000))[0].astype(np.float32)
         else:
             train, self.labels, heldout, heldout_labels = load_images(name, data_dir)
-            self.shape = tuple(train.shape[1:])
-            self.train = (2 * train - 1).to(device)  # model coordinates [-1, 1]
-            n = min(n_eval, len(heldout))
-            g = torch.Generator().manual_seed(seed + 2000)
-            self.heldout, self.heldout_labels = heldout[:n].reshape(n, -1).numpy(), heldout_labels[:n].numpy()
-            self.floor_sets = [train[torch.randperm(len(train), generator=g)[:n]].reshape(n, -1).numpy()
-                               for _ in range(5)]   # FD of a few hundred images moves a lot between subsets
-        self.n_eval = len(self.heldout)
-        if self.n_eval < 2:
-            raise RunError("--n-eval must be at least 2: the quality number compares sets of samples")
+            self.train = 2 * train - 1
+            self.heldout, self.heldout_labels = heldout[:n_eval].numpy(), heldout_labels[:n_eval].numpy()
+        self.shape = tuple(self.train.shape[1:])
+        self.train, self.labels = self.train.to(device), self.labels.long().to(device)
 
-    def draw(self, n):
-        """A training batch of n samples in model coordinates and their labels (int64), on the device."""
-        if self.shape == (2,):
-            idx = torch.from_numpy(self.rng.integers(len(self.pool), size=n))
-            return ((self.pool[idx] - self.center) / self.scale).to(self.device), self.labels[idx].to(self.device)
-        idx = torch.from_numpy(self.rng.integers(len(self.train), size=n))
-        return self.train[idx.to(self.device)], self.labels[idx].to(self.device)
+    def batches(self, n, label_drop=None):
+        """Endless training batches (x, e, labels): data, noise e ~ N(0, I), and labels (None unless label_drop
+        is given; then each label becomes "no label" with that probability, for guidance)."""
+        while True:
+            i = torch.from_numpy(self.rng.integers(len(self.train), size=n)).to(self.device)
+            x, y = self.train[i], self.labels[i]
+            e = torch.randn_like(x)
+            if label_drop:
+                y = torch.where(torch.rand(n, device=y.device) < label_drop, self.n_classes, y)
+            yield x, e, None if label_drop is None else y
 
     def to_data(self, x):
-        """Model coordinates -> data coordinates (toy units, or images in [0, 1]) as a numpy array."""
+        """Model coordinates -> data coordinates (toy units, images in [0, 1]), as a numpy array."""
         x = x.detach().float().cpu()
         if self.shape == (2,):
             return (x * self.scale + self.center).numpy()
@@ -467,375 +354,168 @@ class Data:
 # --- training ---
 def pick_device(name):
     """auto: CUDA, else Apple's MPS, else the CPU."""
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
     if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RunError("--device cuda asked for, but CUDA is not available")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise RunError("--device mps asked for, but MPS is not available")
+        name = "cuda" if available["cuda"] else "mps" if available["mps"] else "cpu"
+    if not available[name]:
+        raise RunError(f"--device {name} is not available here")
     return torch.device(name)
 
 
 def save_checkpoint(path, state):
-    """Write atomically: a crash mid-write never replaces a good checkpoint with a broken one."""
-    tmp = f"{path}.{os.getpid()}.tmp"                          # two runs at once never share a temporary file
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """Write atomically (a temporary file, then os.replace): a crash never leaves a half-written file."""
+    torch.save(state, f"{path}.{os.getpid()}.tmp")
+    os.replace(f"{path}.{os.getpid()}.tmp", path)
 
 
-def config_diff(old, new):
-    """The settings that differ, including those only one side has (None on the other)."""
-    keys = list(new) + [k for k in old if k not in new]
-    return ", ".join(f"{k}={old.get(k)!r} there but {new.get(k)!r} here" for k in keys if old.get(k) != new.get(k))
-
-
-def read_saved(path, what, device="cpu"):
-    """The dict torch.save wrote to path, with the 'config' it was made with; RunError naming the file otherwise."""
+def load_saved(path, config):
+    """The dict saved at path (None if there is no file) and the settings where its config and this one
+    differ ("" if none); RunError if the file cannot be read."""
+    if not os.path.exists(path):
+        return None, ""
     try:
-        saved = torch.load(path, map_location=device, weights_only=True)
-        if not isinstance(saved, dict) or "config" not in saved:
-            raise ValueError("not a dict with a config")
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        old = saved["config"]
     except Exception as err:
-        raise RunError(f"cannot read {what} {path} ({type(err).__name__}: {str(err)[:80]}); "
-                       "delete it or choose another --out") from None
-    return saved
-
-
-def load_checkpoint(path, config, device):
-    ckpt = read_saved(path, "checkpoint", device)
-    if not {"model", "ema", "optimizer", "step"} <= set(ckpt):
-        raise RunError(f"cannot read checkpoint {path} (keys missing); delete it or choose another --out")
-    if ckpt["config"] != config:
-        raise RunError(f"checkpoint {path} is from another config ({config_diff(ckpt['config'], config)}); "
-                       "use another --out or run without --resume to start over")
-    return ckpt
+        raise RunError(f"cannot read {path} ({type(err).__name__}); delete it or choose another --out") from None
+    return saved, ", ".join(f"{k}: {old.get(k)} there, {config.get(k)} here" for k in {**old, **config}
+                            if old.get(k) != config.get(k))
 
 
 def lr_at(step, lr, total):
-    """Linear warm-up, then cosine decay to lr / 20 at step `total` (the schedule's length), lr / 20 after it."""
+    """Linear warm-up, then cosine decay from lr to lr / 20 at step `total`."""
     warmup = min(200, total // 10 + 1)
-    s = min(step, total)
-    return lr * min(1.0, (step + 1) / warmup) * (0.05 + 0.475 * (1 + math.cos(math.pi * s / total)))
+    return lr * min(1.0, (step + 1) / warmup) * (0.05 + 0.475 * (1 + math.cos(math.pi * step / total)))
 
 
-def ode_time_dtype(device):
-    """torchdiffeq's adaptive solvers keep time in float64 unless told otherwise; MPS has no float64."""
-    return torch.float32 if torch.device(device).type == "mps" else torch.float64
-
-
-def rng_state(rngs):
-    """The random state a training step uses: torch's (CPU, CUDA, MPS) and the numpy Generators of the batches."""
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
-            "mps": [torch.mps.get_rng_state()] if torch.backends.mps.is_available() else [],
-            "numpy": json.dumps([g.bit_generator.state for g in rngs])}
-
-
-def set_rng_state(state, rngs):
-    torch.set_rng_state(state["torch"].cpu())              # a checkpoint loaded onto a GPU has them there
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
-    if state.get("mps") and torch.backends.mps.is_available():
-        torch.mps.set_rng_state(state["mps"][0].cpu())
-    for g, s in zip(rngs, json.loads(state["numpy"])):
-        g.bit_generator.state = s
-
-
-def drop_labels(labels, p, n_classes):
-    """For classifier-free guidance: each label becomes the "no label" index n_classes with probability p."""
-    if labels is None or p == 0:
-        return labels
-    return torch.where(torch.rand(len(labels), device=labels.device) < p, n_classes, labels)
-
-
-def train(model, loss_fn, draw, steps, lr, ckpt_path, config, device, resume=False, ema_decay=0.999,
-          ckpt_every=2000, rngs=(), desc="train"):
-    """Adam on loss_fn(model, *draw()) with an EMA copy of the weights for sampling. Saves ckpt_path every
-    ckpt_every steps, at the end and on Ctrl-C, with the schedule's length and the RNG states (rngs: the numpy
-    Generators draw() uses), so a resumed run repeats an uninterrupted one. A non-finite loss raises RunError
-    and leaves the last good checkpoint. Returns (ema, info)."""
+def train(model, loss_fn, batches, steps, lr, path, config, ckpt=None, ckpt_every=2000, desc="train"):
+    """Adam on loss_fn(model, x, e, labels) over the batches, lr by lr_at, and an EMA of the weights to sample
+    from (decay 0.999, capped by (1 + s) / (10 + s) at step s); ckpt: a saved state to continue. Saves to path
+    every ckpt_every steps, at the end and on Ctrl-C. Returns the EMA model and an info dict."""
     opt = torch.optim.Adam(model.parameters(), lr=lr, foreach=True)
     ema = copy.deepcopy(model).requires_grad_(False)
-    step, losses, schedule = 0, [], steps
-    if resume and os.path.exists(ckpt_path):
-        ckpt = load_checkpoint(ckpt_path, config, device)
-        try:
-            model.load_state_dict(ckpt["model"])
-            ema.load_state_dict(ckpt["ema"])
-            opt.load_state_dict(ckpt["optimizer"])
-        except (RuntimeError, ValueError) as err:              # e.g. made by an older version of the network
-            detail = " ".join(str(err).split())[:100]
-            raise RunError(f"checkpoint {ckpt_path} does not fit the network this run builds ({detail}...); "
-                           "delete it or choose another --out") from None
-        step, losses, schedule = ckpt["step"], list(ckpt.get("losses", [])), ckpt.get("schedule_steps", steps)
-        if "rng" in ckpt:
-            set_rng_state(ckpt["rng"], rngs)
-        if step < steps:
-            print(f"[{desc}] resumed from {ckpt_path} at step {step}" + (f"; its learning-rate schedule ends at "
-                  f"step {schedule}, later steps use lr / 20" if schedule < steps else ""))
+    losses, interrupted = [], False                         # losses: one per step done
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["optimizer"])
+        losses = ckpt["losses"]
 
-    def state(rng_snapshot):
-        return {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-                "step": step, "config": config, "losses": losses, "schedule_steps": schedule, "rng": rng_snapshot}
+    def save():
+        save_checkpoint(path, {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+                               "step": len(losses), "config": config, "losses": losses})
 
-    start_step, pending, interrupted, snapshot = step, [], False, None
-    t0 = time.perf_counter()
-    bar = tqdm(total=steps, initial=step, desc=desc, mininterval=1.0, disable=step >= steps)
+    start, t0 = len(losses), time.perf_counter()
     try:
-        while step < steps:
-            snapshot = rng_state(rngs)                     # a step interrupted half-way restarts from here
-            loss = loss_fn(model, *draw())                 # draw(): (x, e, labels or None)
+        for step in tqdm(range(start, steps), desc, initial=start, total=steps, mininterval=1.0):
+            x, e, labels = next(batches)
+            loss = loss_fn(model, x, e, labels)
+            if not math.isfinite(loss.item()):              # (nothing non-finite gets saved)
+                raise RunError(f"the loss became non-finite at step {step + 1}; try a lower --lr")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             for group in opt.param_groups:
-                group["lr"] = lr_at(step, lr, schedule)
+                group["lr"] = lr_at(step, lr, steps)
             opt.step()
-            pending.append(loss.detach())
-            step, snapshot = step + 1, None                # from here on, Ctrl-C saves this step as done
             with torch.no_grad():
-                decay = min(ema_decay, step / (9 + step))  # warm-up cap (1 + s) / (10 + s) at step s = step - 1
                 for p_ema, p in zip(ema.parameters(), model.parameters()):
-                    p_ema.lerp_(p, 1 - decay)
-            save = step % ckpt_every == 0 or step == steps
-            if step % 50 == 0 or save:
-                vals, pending = torch.stack(pending).tolist(), []  # one device sync per log interval
-                bad = [i for i, v in enumerate(vals) if not math.isfinite(v)]
-                if bad:
-                    bar.close()
-                    raise RunError(f"loss became non-finite at step {step - len(vals) + bad[0] + 1}; try a lower "
-                                   f"--lr (e.g. --lr {lr / 4:g}). Last good checkpoint: {ckpt_path}")
-                losses += vals
-                bar.update(len(vals))
-                bar.set_postfix(loss=f"{np.mean(vals):.4f}")
-                if save:
-                    save_checkpoint(ckpt_path, state(rng_state(rngs)))
+                    p_ema.lerp_(p, 1 - min(0.999, (1 + step) / (10 + step)))
+            losses.append(loss.item())
+            if len(losses) % ckpt_every == 0 or len(losses) == steps:
+                save()
     except KeyboardInterrupt:
         interrupted = True
-        vals = torch.stack(pending).tolist() if pending else []
-        if not all(math.isfinite(v) for v in vals):             # keep the last good checkpoint
-            raise RunError(f"interrupted after the loss became non-finite; try a lower --lr (e.g. --lr {lr / 4:g}). "
-                           f"Last good checkpoint: {ckpt_path}") from None
-        losses += vals
-        save_checkpoint(ckpt_path, state(snapshot or rng_state(rngs)))
-        print(f"\n[{desc}] interrupted at step {step}: saved {ckpt_path} (continue with --resume)")
-    bar.close()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+        save()
+        print(f"\n[{desc}] interrupted at step {len(losses)}: saved {path} (--resume continues it)")
     seconds = time.perf_counter() - t0
-    done = step - start_step
-    info = {"steps": step, "train_seconds": round(seconds, 2),
-            "ms_per_step": round(1000 * seconds / done, 3) if done else None,
-            "losses": losses, "interrupted": interrupted}
-    return ema, info
+    if len(losses) > start:
+        print(f"[{desc}] {len(losses) - start} steps in {seconds:.1f} s")
+    return ema, {"steps": len(losses), "train_seconds": round(seconds, 2), "losses": losses, "interrupted": interrupted}
 
 
 # --- evaluation ---
 def w2_distance(a, b):
-    """Exact 2-Wasserstein distance between two equal-size point sets (optimal matching)."""
+    """Exact 2-Wasserstein distance between two equal-size point sets: the optimal matching on squared
+    distances (scipy's linear_sum_assignment), then the square root of its mean."""
     from scipy.optimize import linear_sum_assignment
     a = torch.as_tensor(a, dtype=torch.float64).reshape(len(a), -1)
     b = torch.as_tensor(b, dtype=torch.float64).reshape(len(b), -1)
-    if a.var(0).sum() < b.var(0).sum():  # same optimum; the solver is several times faster with the
-        a, b = b, a                         # wider set as rows when the other is collapsed (a poor 1-step set)
+    if a.var(0).sum() < b.var(0).sum():     # the same optimum, found faster with the wider set as rows
+        a, b = b, a
     cost = (torch.cdist(a, b) ** 2).numpy()
     rows, cols = linear_sum_assignment(cost)
     return float(np.sqrt(cost[rows, cols].mean()))
 
 
-def eval_noise(data, seed, device="cpu"):
-    """The data.n_eval standard-normal samples the evaluation set is generated from. sklearn's moons and
-    circles split each real set exactly between the two curves, while n i.i.d. noise points send about
-    1/(2 sqrt(n)) more to one of them (1.1% at 2000), which W2 charges as transport across: a perfect sampler
-    scored 1.85x-2.22x the floor. There the noise comes from scrambled Sobol points (quasi-random, shares even
-    to ~0.1%; a perfect sampler then scores 0.87x-0.91x). Other data draw their real sets i.i.d., and so does
-    this (quasi-random points in 64+ dimensions are also correlated across dimensions)."""
-    shape = (data.n_eval, *data.shape)
+def eval_noise(data, seed, device):
+    """Noise for the evaluation samples: N(0, I), but for moons and circles, whose real sets sklearn splits
+    exactly between two curves (i.i.d. noise sends ~1/(2 sqrt(n)) more to one, which W2 charges as transport),
+    scrambled Sobol points through the normal inverse CDF."""
+    n = len(data.heldout)
     if data.name not in ("moons", "circles"):
-        return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device)
-    sobol = torch.quasirandom.SobolEngine(int(np.prod(data.shape)), scramble=True, seed=seed)
-    u = sobol.draw(shape[0], dtype=torch.float64)
-    return torch.special.ndtri(u.clamp(1e-12, 1 - 1e-12)).float().reshape(shape).to(device)
+        return torch.randn(n, *data.shape, generator=torch.Generator().manual_seed(seed)).to(device)
+    u = torch.quasirandom.SobolEngine(2, scramble=True, seed=seed).draw(n, dtype=torch.float64)
+    return torch.special.ndtri(u.clamp(1e-12, 1 - 1e-12)).float().to(device)
 
 
-class FeatureNet(nn.Module):
-    """A small CNN classifier of the dataset's classes; its penultimate layer (64 features) is the space in
-    which image samples are compared (Frechet distance), as FID does with an Inception network."""
-
-    def __init__(self, in_ch=1, n_classes=10):
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(in_ch, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-            nn.Linear(64, 64), nn.ReLU())
-        self.head = nn.Linear(64, n_classes)
-
-    def forward(self, x):
-        return self.head(self.features(x))
-
-
-def image_classifier(data, seed=0):
-    """The FeatureNet for data's images: read from --data-dir/<name>_classifier.pt if that file was made with
-    these settings, else trained on the training split (Adam, batch 128, about 20 epochs, 300 to 2000 steps)
-    and saved there. A file that cannot be read or was made otherwise is retrained, with a one-line note."""
-    steps = min(2000, max(300, 20 * len(data.train) // 128))
-    settings = {"data": data.name, "shape": list(data.shape), "n_train": len(data.train), "steps": steps,
-                "seed": seed, "net": "FeatureNet 32-64-64-64"}
-    path = os.path.join(data.data_dir, f"{data.name}_classifier.pt")
-    with torch.random.fork_rng(devices=[]):                    # leaves the caller's random state alone
-        torch.manual_seed(seed)
-        net = FeatureNet(data.shape[0])
-        if os.path.exists(path):
-            try:
-                saved = torch.load(path, map_location="cpu", weights_only=True)
-                if saved["settings"] == settings:
-                    net.load_state_dict(saved["model"])
-                    return net.eval()
-                print(f"note: {path} was made with other settings; training the classifier again")
-            except Exception as err:
-                print(f"note: cannot read {path} ({type(err).__name__}); training the classifier again")
-            torch.manual_seed(seed)                            # the same classifier as a first run's
-            net = FeatureNet(data.shape[0])
-        x, y = ((data.train + 1) / 2).cpu(), data.labels
-        opt = torch.optim.Adam(net.parameters(), lr=2e-3)
-        for _ in range(steps):
-            i = torch.randint(len(x), (128,))
-            loss = F.cross_entropy(net(x[i]), y[i])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    try:
-        os.makedirs(data.data_dir, exist_ok=True)
-        save_checkpoint(path, {"model": net.state_dict(), "settings": settings})
-    except OSError as err:
-        print(f"note: could not cache the classifier in {path} ({type(err).__name__}); it is trained again next time")
-    return net.eval()
-
-
-def frechet_distance(f1, f2):
-    """Frechet distance of Gaussians fitted to two feature sets: |m1 - m2|^2 + tr(C1 + C2 - 2 (C1 C2)^(1/2))."""
-    from scipy import linalg
-    f1, f2 = np.asarray(f1, np.float64), np.asarray(f2, np.float64)
-    eye = 1e-6 * np.eye(f1.shape[1])                           # dead ReLU features make C singular
-    c1, c2 = np.cov(f1, rowvar=False) + eye, np.cov(f2, rowvar=False) + eye
-    root = linalg.sqrtm(c1 @ c2).real
-    return float(((f1.mean(0) - f2.mean(0)) ** 2).sum() + np.trace(c1 + c2 - 2 * root))
-
-
-def classify(x, data):
-    """Predicted class of each sample (data coordinates): the image classifier's, or for 2D points the label
-    of the nearest held-out real point."""
-    if data.shape == (2,):
-        a, b = torch.as_tensor(np.asarray(x), dtype=torch.float32), torch.as_tensor(data.heldout)
-        return data.heldout_labels[torch.cdist(a, b).argmin(1).numpy()]
-    with torch.no_grad():
-        x = torch.as_tensor(np.asarray(x), dtype=torch.float32).reshape(-1, *data.shape)
-        return image_classifier(data)(x).argmax(1).numpy()
-
-
-def report(samples, data, labels=None):
-    """Each sampler setting against held-out real data, next to the floor of real sets of the same size: exact
-    W2 for 2D data, the Frechet distance in a digit classifier's features (FD) for images. labels: the classes
-    a conditional run asked for (one per sample); then also the share of samples classified as asked."""
-    if data.shape == (2,):
-        name, distance = "W2", w2_distance
-        prepare = lambda x: x  # noqa: E731
-    else:
-        name, distance, net = "FD", frechet_distance, image_classifier(data)
-
-        def prepare(x):
-            with torch.no_grad():
-                return net.features(torch.as_tensor(np.asarray(x), dtype=torch.float32).reshape(-1, *data.shape))
-    real = prepare(data.heldout)
-    floor = float(np.mean([distance(prepare(f), real) for f in data.floor_sets]))
-    m = name.lower()
-    metrics = {"metric": name, f"{m}_floor": round(floor, 5), "n_eval": data.n_eval}
+def report_w2(samples, data):
+    """Print and return each sampler's W2 to the held-out set, and the floor: the W2 between two real sets."""
+    floor = w2_distance(data.floor, data.heldout)
+    metrics = {"w2_floor": round(floor, 5)}
     for key, x in samples.items():
-        d = distance(prepare(x), real)
-        metrics[f"{m}_{key}"], metrics[f"ratio_{key}"] = round(d, 5), round(d / floor, 3)
-        metrics[f"{m}_ratio_{key}"] = metrics[f"ratio_{key}"]
-        acc = ""
-        if labels is not None:
-            metrics[f"accuracy_{key}"] = round(float((classify(x, data) == labels).mean()), 4)
-            acc = f"  accuracy {metrics[f'accuracy_{key}']:.3f}"
-        print(f"{key:>12}  {name} {d:.4f}  floor {floor:.4f}  ({d / floor:.2f}x){acc}")
+        d = w2_distance(x, data.heldout)
+        metrics[f"w2_{key}"], metrics[f"w2_ratio_{key}"] = round(d, 5), round(d / floor, 3)
+        print(f"{key:>12}  W2 {d:.4f}  floor {floor:.4f}  ({d / floor:.2f}x)")
     return metrics
 
 
 def save_results(out, samples, data, metrics, labels=None):
-    """samples.npz (each sampler's samples, the held-out `real` ones, and the requested `labels` of a
-    conditional run) and metrics.json."""
-    extra = {} if labels is None else {"labels": labels}
-    np.savez(os.path.join(out, "samples.npz"), real=data.heldout.reshape(-1, *data.shape), **samples, **extra)
+    """samples.npz: each sampler's samples, the held-out `real` set (toys: and the `floor` set), the `labels`
+    a conditional run asked for, and the `data` name and `seed` for evaluate.py; metrics.json."""
+    extra = ({"floor": data.floor} if data.shape == (2,) else {}) | ({} if labels is None else {"labels": labels})
+    np.savez(os.path.join(out, "samples.npz"), real=data.heldout, data=data.name, seed=data.seed, **samples, **extra)
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
 
 
-def image_grid(x, shape, n=8, labels=None):
-    """Up to n x n images of shape (C, H, W) in [0, 1] as one (H', W', 3) array with grey borders (any C);
-    with labels, one row of n images per class instead (row k: class k)."""
+def image_grid(x, labels=None, n=8):
+    """Images (N, C, H, W) in [0, 1] as one (H', W', 3) array: n x n of them, or a row of n per class."""
     from torchvision.utils import make_grid
-    if labels is not None:                         # row k: the first n samples asked to be class k
-        blank = np.full_like(np.asarray(x[0]), 0.5)  # (grey where there are fewer)
-        x = np.stack([x[i] if i is not None else blank for k in range(int(labels.max()) + 1)
-                      for i in (list(np.flatnonzero(labels == k)[:n]) + [None] * n)[:n]])
-    else:
-        n = max(1, min(n, int(np.sqrt(len(x)))))
-        x = x[: n * n]
-    x = torch.as_tensor(np.asarray(x), dtype=torch.float32).reshape(-1, *shape)
-    return make_grid(x, nrow=n, padding=1, pad_value=0.5).permute(1, 2, 0).clamp(0, 1).numpy()
+    x = torch.as_tensor(x)
+    if labels is None:
+        x = x[:n * n]
+    else:                                           # row k: the first n samples of class k, grey if fewer
+        blank = torch.full((n, *x.shape[1:]), 0.5)
+        x = torch.cat([torch.cat([x[labels == k][:n], blank])[:n] for k in range(labels.max() + 1)])
+    return make_grid(x, nrow=n, padding=1, pad_value=0.5).permute(1, 2, 0).numpy()
 
 
-def angle_colors(e):
-    """Colour index 0..7 of each 2D source point by its angle sector, to follow paths in a figure."""
-    return ((np.arctan2(e[:, 1], e[:, 0]) + np.pi) / (2 * np.pi) * 8).astype(int) % 8
-
-
-def plot_panels(path, title, data, rows):
-    """Save a figure with one row of panels per list in rows. A panel is
-    ("real", label): the held-out data;  ("samples", x, label[, labels]): 2D points, or an image grid (with
-    the classes a conditional run asked for: coloured by class, or one image row per class);
-    ("paths", p, label, colors): 2D paths p[i, k] from p[i, 0] (t = 1) to p[i, -1] (t = 0);
-    ("losses", {name: curve}, label): loss curves, one stage after another;  ("text", note);  None: empty."""
+def plot_panels(path, title, data, panels, losses, metrics, labels=None):
+    """Save a figure of the panels (name, array), the first the real data: 2D points (coloured by the labels
+    asked for), 2D paths (N, K, 2) from t = 1 to 0 or an image grid; then the losses {name: list}."""
     import matplotlib.pyplot as plt
     from matplotlib.collections import LineCollection
-    ncol = max(len(row) for row in rows)
-    fig, axes = plt.subplots(len(rows), ncol, figsize=(3.2 * ncol, 3.3 * len(rows)), squeeze=False)
-    if data.shape == (2,):
-        lo, hi = data.heldout.min(0), data.heldout.max(0)
-        lo, hi = lo - 0.1 * (hi - lo), hi + 0.1 * (hi - lo)
-    for ax, panel in zip(axes.flat, [p for row in rows for p in row + [None] * (ncol - len(row))]):
-        kind = panel[0] if panel else None
-        if kind in ("real", "samples"):
-            x = data.heldout if kind == "real" else panel[1]
-            y = panel[3] if kind == "samples" and len(panel) > 3 else None
-            if data.shape == (2,):
-                ax.scatter(x[:, 0], x[:, 1], s=2, alpha=0.4, c="C0" if kind == "real" else "C1" if y is None
-                           else [f"C{k % 10}" for k in y])
-                ax.set_xlim(lo[0], hi[0]), ax.set_ylim(lo[1], hi[1])
-            else:
-                ax.imshow(image_grid(x, data.shape, labels=y))
-                ax.set_xticks([]), ax.set_yticks([])
-        elif kind == "paths":
-            p, colors = panel[1], panel[3]
-            ax.add_collection(LineCollection(p, colors=["gray"] if colors is None else
-                                             [f"C{c % 10}" for c in colors], lw=0.4, alpha=0.5))
-            ax.scatter(p[:, 0, 0], p[:, 0, 1], s=2, color="C2", label="source (t = 1)")
-            ax.scatter(p[:, -1, 0], p[:, -1, 1], s=2, color="k", label="sample (t = 0)")
-            ax.legend(fontsize=7, loc="upper right")
-        elif kind == "losses":
-            start = 0
-            for j, (name, curve) in enumerate(panel[1].items()):
-                steps = np.arange(start, start + len(curve))
-                ax.plot(steps, curve, lw=0.3, alpha=0.4, color=f"C{j}")
-                if len(curve) >= 50:
-                    ax.plot(steps[49:], np.convolve(curve, np.ones(50) / 50, "valid"), color=f"C{j}", label=name)
-                start += len(curve)
-            ax.set_yscale("log") if start else None
-            ax.set_xlabel("step"), ax.legend(fontsize=7) if ax.get_legend_handles_labels()[0] else None
+    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(3.2 * (len(panels) + 1), 3.4))
+    for i, (ax, (name, x)) in enumerate(zip(axes, panels)):
+        ratio = metrics.get(f"w2_ratio_{name}")
+        ax.set_title(name + (f": W2 {ratio:.2f}x floor" if ratio else ""), fontsize=9)
+        if x.ndim == 3:                             # paths from the noise (green) to the samples (black)
+            ax.add_collection(LineCollection(x, colors="gray", lw=0.4, alpha=0.5))
+            ax.scatter(*x[:, 0].T, s=2, color="C2")
+            ax.scatter(*x[:, -1].T, s=2, color="k")
+        elif x.ndim == 2:
+            ax.scatter(*x.T, s=2, alpha=0.4, c=[f"C{k % 10}" for k in labels] if labels is not None
+                       else "C0" if i == 0 else "C1")
+            ax.set(xlim=axes[0].get_xlim(), ylim=axes[0].get_ylim())
         else:
+            ax.imshow(image_grid(x, labels))
             ax.axis("off")
-            ax.text(0.5, 0.5, panel[1], ha="center", va="center", fontsize=9) if kind == "text" else None
-        ax.set_title(panel[-1] if kind == "real" else panel[2], fontsize=9) if kind not in (None, "text") else None
+    start = 0
+    for name, curve in losses.items():              # one stage after another
+        axes[-1].plot(range(start, start + len(curve)), curve, lw=0.5, label=name)
+        start += len(curve)
+    axes[-1].set(yscale="log", title="training loss")
+    axes[-1].legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -843,305 +523,193 @@ def plot_panels(path, title, data, rows):
 
 
 # --- config ---
-SCRIPT = os.path.splitext(os.path.basename(__file__))[0]  # reflow or imf_reflow
-TITLE = __doc__.split(" - ")[1].split(":")[0]  # the method, from the docstring's first line
-
-
-def positive_int(s):
-    v = int(s)
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
-    return v
-
-
-def nonnegative_int(s):
-    v = int(s)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or a positive integer, got {s}")
-    return v
-
-
-def positive_float(s):
-    v = float(s)
-    if not v > 0 or not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {s}")
-    return v
-
-
-def fraction(s):
-    v = float(s)
-    if not 0.0 <= v <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {s}")
-    return v
-
-
-# Defaults per dataset for the flags not given on the command line (mnist: sized for a GPU; the README has a
-# CPU command).
+SCRIPT = os.path.splitext(os.path.basename(__file__))[0]
 DEFAULTS = {"toys": {"steps": 4000, "reflow_steps": 2000, "batch_size": 512, "lr": 5e-3, "channels": 32,
                      "n_pairs": 16384},
             "digits": {"steps": 5000, "reflow_steps": 2500, "batch_size": 128, "lr": 2e-3, "channels": 16,
                        "n_pairs": 8192},
             "mnist": {"steps": 20000, "reflow_steps": 10000, "batch_size": 128, "lr": 1e-3, "channels": 32,
                       "n_pairs": 32768}}
+POSITIVE = ["steps", "batch_size", "lr", "channels", "ckpt_every", "n_eval", "guidance", "reflow_steps", "n_pairs",
+            "tol"]
+FRACTIONS = ["label_drop", "boundary_frac", "r0_frac"]
 
 
 def per_data(key):
-    return "default: " + ", ".join(f"{v[key]:g} on {k}" for k, v in DEFAULTS.items())
-
-
-def check_cond_args(p, args):
-    if args.cond and args.data not in N_CLASSES:
-        p.error(f"--cond needs data with labels ({', '.join(N_CLASSES)}); {args.data} has none")
-    if args.guidance != 1 and not (args.cond and args.label_drop > 0):
-        p.error("--guidance needs --cond and --label-drop > 0 (guidance uses the model without a label)")
+    return "default: " + ", ".join(f"{d[key]} on {name}" for name, d in DEFAULTS.items())
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    p = argparse.ArgumentParser(description="improved MeanFlow on a reflow coupling.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", default="moons", choices=TOY_DATA + IMAGE_DATA, help="dataset")
-    p.add_argument("--data-dir", default="data", help="where MNIST is stored / downloaded")
-    p.add_argument("--steps", type=positive_int, default=argparse.SUPPRESS,
-                   help=f"training steps of stage 1 (the teacher) ({per_data('steps')})")
-    p.add_argument("--batch-size", type=positive_int, default=argparse.SUPPRESS,
-                   help=f"batch size ({per_data('batch_size')})")
-    p.add_argument("--lr", type=positive_float, default=argparse.SUPPRESS,
-                   help=f"Adam learning rate ({per_data('lr')})")
-    p.add_argument("--ema", type=fraction, default=0.999, help="EMA decay of the weights used for sampling; capped by "
-                        "(1 + step) / (10 + step), which at 0.999 binds for the first ~9000 steps")
-    p.add_argument("--hidden", type=positive_int, default=64, help="width of the 2D residual MLP")
-    p.add_argument("--depth", type=positive_int, default=3, help="residual blocks of the 2D MLP")
-    p.add_argument("--channels", type=positive_int, default=argparse.SUPPRESS,
+    p.add_argument("--data", default="moons", choices=TOYS + ["digits", "mnist"], help="dataset")
+    p.add_argument("--data-dir", default="data", help="where MNIST is stored or downloaded to")
+    p.add_argument("--steps", type=int, default=argparse.SUPPRESS, help=f"training steps of stage 1 ({per_data('steps')})")
+    p.add_argument("--batch-size", type=int, default=argparse.SUPPRESS, help=f"batch size ({per_data('batch_size')})")
+    p.add_argument("--lr", type=float, default=argparse.SUPPRESS, help=f"Adam's learning rate ({per_data('lr')})")
+    p.add_argument("--channels", type=int, default=argparse.SUPPRESS,
                    help=f"base channels of the image U-Net ({per_data('channels')})")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="device")
-    p.add_argument("--seed", type=nonnegative_int, default=0, help="random seed")
-    p.add_argument("--out", default=None, help=f"output folder (default outputs/{SCRIPT})")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted stage (finished ones are reused)")
-    p.add_argument("--n-eval", type=positive_int, default=2000, help="samples for the quality number (W2 or FD)")
-    p.add_argument("--ckpt-every", type=positive_int, default=2000, help="checkpoint interval in steps")
-    p.add_argument("--cond", action="store_true", help="class-conditional model: " + ", ".join(
-                   f"{k} ({n} classes)" for k, n in N_CLASSES.items()))
-    p.add_argument("--label-drop", type=fraction, default=0.1,
-                   help="with --cond: share of training labels replaced by 'no label' (guidance needs it)")
-    p.add_argument("--guidance", type=positive_float, default=1.0, help="with --cond: classifier-free guidance "
-                   "weight W, v = v(no label) + W (v(label) - v(no label)), 1 = none; "
-                   "applied when sampling the fm teacher and simulating its pairs (two network "
-                   "evaluations per step), in the training target of --teacher imf; stage 2 learns the "
-                   "guided pairs and samples without it")
-    p.add_argument("--reflow-steps", type=positive_int, default=argparse.SUPPRESS,
-                   help=f"training steps of each later stage ({per_data('reflow_steps')})")
-    p.add_argument("--from-scratch", action="store_true",
-                   help="start each later stage from new weights instead of the previous stage's")
-    p.add_argument("--n-pairs", type=positive_int, default=argparse.SUPPRESS,
-                   help=f"(x_hat, e) pairs simulated from a stage ({per_data('n_pairs')})")
-    p.add_argument("--rtol", type=positive_float, default=1e-5, help="dopri5 relative tolerance (pairs and 'ode')")
-    p.add_argument("--atol", type=positive_float, default=1e-5, help="dopri5 absolute tolerance (pairs and 'ode')")
-    # the method's own flags
-    p.add_argument("--boundary-frac", type=fraction, default=0.7,
-                   help="fraction of the batch with r = t (plain flow matching on u(z, t, t))")
-    p.add_argument("--r0-frac", type=fraction, default=0.2,
-                   help="fraction with r = 0, t ~ U(0, 1]: the slice whose corner (0, 1) 1-NFE sampling uses")
-    p.add_argument("--boundary-t", default="max", choices=["logit-normal", "uniform", "max"],
-                   help="time on the iMF stages' r = t rows: the larger of two uniforms (more rows near the noise: "
-                        "better on the pairs, README), uniform, or logit-normal(-0.4, 1) (imf.py's default on toys)")
-    p.add_argument("--teacher", default="fm", choices=["fm", "imf"],
-                   help="stage 1: fm = flow matching on u(z, t, t) only (the better teacher, README), imf = iMF")
+    p.add_argument("--seed", type=int, default=0, help="random seed (0 or more)")
+    p.add_argument("--out", default=os.path.join("outputs", SCRIPT), help="output folder")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted stage (finished ones are reused without it)")
+    p.add_argument("--ckpt-every", type=int, default=2000, help="checkpoint interval in steps")
+    p.add_argument("--n-eval", type=int, default=2000, help="samples to evaluate (at most the held-out set)")
+    p.add_argument("--cond", action="store_true", help=f"class-conditional model ({', '.join(N_CLASSES)})")
+    p.add_argument("--label-drop", type=float, default=0.1, help="with --cond: share of training labels dropped")
+    p.add_argument("--guidance", type=float, default=1.0, help="with --cond: classifier-free guidance weight W, "
+                   "v(no label) + W (v(label) - v(no label)), 1: none; applied to the fm teacher's sampling and pairs (two network evaluations per step), in --teacher imf's target; stage 2 samples without it")
+    p.add_argument("--reflow-steps", type=int, default=argparse.SUPPRESS,
+                   help=f"training steps of stage 2 ({per_data('reflow_steps')})")
+    p.add_argument("--n-pairs", type=int, default=argparse.SUPPRESS,
+                   help=f"pairs (x_hat, e) simulated from the teacher ({per_data('n_pairs')})")
+    p.add_argument("--tol", type=float, default=1e-5, help="dopri5's relative and absolute tolerance")
+    p.add_argument("--teacher", default="fm", choices=["fm", "imf"], help="stage 1: flow matching on u(z, t, t), or iMF")
+    p.add_argument("--boundary-frac", type=float, default=0.7, help="share of each iMF batch with r = t")
+    p.add_argument("--r0-frac", type=float, default=0.2, help="share with r = 0, the one-step corner's slice")
+    p.add_argument("--boundary-t", default="max", choices=["logit-normal", "max"],
+                   help="t of the r = t rows: logit-normal(-0.4, 1) or the larger of two uniforms")
     args = p.parse_args(argv)
-    for key, value in DEFAULTS["toys" if args.data in TOY_DATA else args.data].items():
+    for key, value in DEFAULTS["toys" if args.data in TOYS else args.data].items():
         vars(args).setdefault(key, value)
-    check_cond_args(p, args)
+    for key in POSITIVE:
+        if not 0 < vars(args)[key] < math.inf:              # refuses nan too
+            p.error(f"--{key.replace('_', '-')} must be a positive number, got {vars(args)[key]}")
+    for key in FRACTIONS:
+        if not 0 <= vars(args)[key] <= 1:
+            p.error(f"--{key.replace('_', '-')} must be in [0, 1], got {vars(args)[key]}")
+    if args.seed < 0:
+        p.error(f"--seed must be 0 or more, got {args.seed}")
+    if args.cond and args.data not in N_CLASSES:
+        p.error(f"--cond needs data with labels ({', '.join(N_CLASSES)})")
+    if args.guidance != 1 and not (args.cond and args.label_drop > 0):
+        p.error("--guidance needs --cond and --label-drop > 0 (guidance uses the model without a label)")
+    args.argv = sys.argv[1:] if argv is None else list(argv)
     if args.boundary_frac + args.r0_frac > 1:
         p.error("--boundary-frac + --r0-frac must be at most 1")
-    args.out = args.out or os.path.join("outputs", SCRIPT)
     return args
 
 
-def stage_config(args, name):
-    """The settings a stage or pairs file depends on (main adds the sha256 of the file it was made from)."""
-    cond = {"cond": True, "label_drop": args.label_drop} if args.cond else {}   # unconditional: keys as before
-    if name.startswith("pairs"):
-        return {"n_pairs": args.n_pairs, "rtol": args.rtol, "atol": args.atol, "seed": args.seed,
-                **({"cond": True, "guidance": args.guidance} if args.cond else {})}
-    config = {"script": SCRIPT, "data": args.data, "hidden": args.hidden, "depth": args.depth,
-              "channels": args.channels, "seed": args.seed, "lr": args.lr, "batch_size": args.batch_size,
-              "ema": args.ema, **cond}
-    imf = {"boundary_frac": args.boundary_frac, "r0_frac": args.r0_frac,
-           **({"boundary_t": args.boundary_t} if args.boundary_t != "max" else {})}  # "max": older stage files
-    if name == "stage1":
-        guidance = {"guidance": args.guidance} if args.cond else {}        # the iMF teacher has it in its target
-        teacher_imf = {**imf, **guidance} if args.teacher == "imf" else {}
-        return {**config, "steps": args.steps, "teacher": args.teacher, **teacher_imf}
-    return {**config, "steps": args.reflow_steps, "from_scratch": args.from_scratch, **imf}
-
-
 # --- main ---
-def file_sha256(path):
+def file_hash(path):
+    """A short sha256 of a file's bytes: what a file made from it records."""
     with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+        return hashlib.sha256(f.read()).hexdigest()[:16]
 
 
-def read_stored(path, config, what):
-    """The dict saved at path if it was made with this config (which holds the sha256 of the file it was made
-    from); None, with a one-line note, if there is none or it was made otherwise; RunError if unreadable."""
-    stored = read_saved(path, what) if os.path.exists(path) else None
-    if stored is not None and stored["config"] != config:
-        settings = lambda c: {k: v for k, v in c.items() if k != "made_from"}  # noqa: E731
-        diff = config_diff(settings(stored["config"]), settings(config))
-        print(f"note: {path} was made " + (f"with other settings ({diff})" if diff else
-              f"from another {config.get('made_from', 'file').split()[0]} than this run's") + "; recomputing it")
-        return None
-    return stored
+def train_stage(name, model, loss_fn, batches, steps, config, args):
+    """Train a stage into --out/<name>.pt: reuse the file if it finished with this config (settings and the
+    hash of the file it was made from), continue it with --resume, else train anew after a one-line note."""
+    path = os.path.join(args.out, f"{name}.pt")
+    ckpt, diff = load_saved(path, config)
+    if diff:
+        print(f"note: {path} was made with other settings or files ({diff}); training it again")
+    elif ckpt is not None and ckpt["step"] < steps and not args.resume:
+        print(f"note: {path} stopped at step {ckpt['step']}; training it again (--resume continues it)")
+    ckpt = ckpt if ckpt is not None and not diff and (ckpt["step"] >= steps or args.resume) else None
+    if ckpt is not None and ckpt["step"] >= steps:
+        print(f"[{name}] reusing {path}: made with these settings from the same files")
+    return train(model, loss_fn, batches, steps, args.lr, path, config, ckpt, args.ckpt_every, name)
 
 
-def stage_files(args, new_model, shape, n_classes, device):
-    """train_stage and get_pairs for the stage loop, backed by files in --out, and the infos they collect.
-    A file's config holds its settings and the sha256 of the file it was made from (pairs k: stage k; a stage
-    trained on pairs: those pairs), so a stage or pairs file is reused only if it came from the very files
-    this run uses; any other is recomputed, with a one-line note saying why."""
-    infos, pair_infos, made_from = {}, {}, {}
-
-    def train_stage(name, loss_fn, draw, rngs, init):
-        path = os.path.join(args.out, f"{name}.pt")
-        config = {**stage_config(args, name), **({"made_from": made_from["pairs"]} if name != "stage1" else {})}
-        stored = read_stored(path, config, "stage file")
-        steps, done = config["steps"], (stored or {}).get("step", 0)
-        resume = stored is not None and (done >= steps or args.resume)
-        if stored is not None and not resume:
-            print(f"note: {path} stopped at step {done} of {steps}; starting it over (--resume continues it)")
-        elif resume and done >= steps:
-            print(f"[{name}] {path} was made with these settings from the same files: reusing it")
-        model = new_model()
-        if init is not None:
-            model.load_state_dict(init.state_dict())
-        ema, infos[name] = train(model, loss_fn, draw, steps, args.lr, path, config, device, resume, args.ema,
-                                 args.ckpt_every, rngs, desc=name)
-        infos[name]["reused"] = stored is not None and done >= steps
-        return ema, not infos[name]["interrupted"]
-
-    def get_pairs(k, model, w):
-        path = os.path.join(args.out, f"pairs{k}.pt")
-        config = {**stage_config(args, f"pairs{k}"),
-                  "made_from": f"stage{k}.pt {file_sha256(os.path.join(args.out, f'stage{k}.pt'))}"}
-        stored = read_stored(path, config, "pairs file")
-        if stored is not None:
-            x, e, labels = stored.get("x"), stored.get("e"), stored.get("labels")
-            if not (isinstance(x, torch.Tensor) and isinstance(e, torch.Tensor)
-                    and x.shape == e.shape == (args.n_pairs, *shape) and bool(torch.isfinite(x).all())
-                    and (labels is None if n_classes == 0 else isinstance(labels, torch.Tensor)
-                         and labels.shape == (args.n_pairs,) and labels.dtype == torch.long
-                         and 0 <= int(labels.min()) and int(labels.max()) < n_classes)):
-                raise RunError(f"pairs file {path} does not hold {args.n_pairs} finite pairs of shape {shape}"
-                               f"{' with labels' if n_classes else ''}; delete it or choose another --out")
-            print(f"[pairs{k}] reused {path} ({args.n_pairs} pairs)")
-            pair_infos[f"pairs{k}"] = {"reused": True, "ode_nfe": stored.get("nfe"),
-                                       "train_seconds": stored.get("seconds")}
-        else:
-            t0 = time.perf_counter()
-            x, e, labels, nfe = make_pairs(model, args.n_pairs, shape, args.seed + 4000 + k, args.rtol, args.atol,
-                                           n_classes, w)
-            seconds = round(time.perf_counter() - t0, 2)
-            save_checkpoint(path, {"x": x, "e": e, "labels": labels, "nfe": nfe, "seconds": seconds,
-                                   "config": config})
-            print(f"[pairs{k}] {args.n_pairs} pairs by dopri5 (rtol {args.rtol:g}, atol {args.atol:g}): "
-                  f"{nfe} network evaluations, {seconds:.1f} s -> {path}")
-            pair_infos[f"pairs{k}"] = {"reused": False, "ode_nfe": nfe, "train_seconds": seconds}
-        made_from["pairs"] = f"pairs{k}.pt {file_sha256(path)}"
-        return x.to(device), e.to(device), None if labels is None else labels.to(device)
-    return train_stage, get_pairs, infos, pair_infos
+def get_pairs(k, model, w, args, shape, n_classes):
+    """The pairs of stage k from --out/pairs<k>.pt if they were made with these settings from this very stage
+    file, else simulated by the stage's ODE (guided with w) and saved there."""
+    path = os.path.join(args.out, f"pairs{k}.pt")
+    config = {"n_pairs": args.n_pairs, "tol": args.tol, "seed": args.seed, "guidance": w,
+              "made_from": file_hash(os.path.join(args.out, f"stage{k}.pt"))}
+    pairs, diff = load_saved(path, config)
+    if diff:
+        print(f"note: {path} was made with other settings or files ({diff}); simulating it again")
+    if pairs is None or diff:
+        t0 = time.perf_counter()
+        x_hat, e, labels, nfe = make_pairs(model, args.n_pairs, shape, args.seed + 4000 + k, args.tol, n_classes, w)
+        pairs = {"x_hat": x_hat, "e": e, "labels": labels, "nfe": nfe, "config": config,
+                 "seconds": round(time.perf_counter() - t0, 2)}
+        save_checkpoint(path, pairs)
+        print(f"[pairs{k}] {args.n_pairs} pairs by dopri5: {nfe} network evaluations, {pairs['seconds']} s")
+    return pairs
 
 
-def run(args, argv):
+def run(args):
     device = pick_device(args.device)
     torch.manual_seed(args.seed)
     os.makedirs(args.out, exist_ok=True)
     data = Data(args.data, args.data_dir, args.seed, device, args.n_eval)
     n_classes = data.n_classes if args.cond else 0
-    new_model = lambda: make_model(data.shape, 2, args.hidden, args.depth, args.channels,  # noqa: E731
-                                   n_classes).to(device)
-    train_stage, get_pairs, infos, pair_infos = stage_files(args, new_model, data.shape, n_classes, device)
+    settings = {"script": SCRIPT, **{k: vars(args)[k] for k in ["data", "channels", "cond", "label_drop", "seed",
+                                                                "lr", "batch_size"]}}
+    imf = {k: vars(args)[k] for k in ["boundary_frac", "r0_frac", "boundary_t"]}
+    # stage 1, the teacher, on independent pairs (x ~ data, e ~ N(0, I))
+    model = make_model(data.shape, 2, args.channels, n_classes).to(device)     # u_theta(z, r, t)
+    batches = data.batches(args.batch_size, args.label_drop if args.cond else None)
+    teacher = fm_loss if args.teacher == "fm" else functools.partial(imf_loss, guidance=args.guidance, **imf)
+    config = {**settings, "steps": args.steps, "teacher": args.teacher,
+              **({} if args.teacher == "fm" else {**imf, "guidance": args.guidance})}
+    stages, infos, pair_infos = {}, {}, {}
+    stages["stage1"], infos["stage1"] = train_stage("stage1", model, teacher, batches, args.steps, config, args)
+    # the pairs by the teacher's ODE (guided if the teacher samples with guidance), then stage 2, iMF on
+    # the straight lines between them, from the teacher's weights
+    w = args.guidance if args.teacher == "fm" else 1.0     # the iMF teacher has guidance in its target
+    if not infos["stage1"]["interrupted"]:
+        pairs = get_pairs(1, stages["stage1"], w, args, data.shape, n_classes)
+        pair_infos["pairs1"] = {"nfe": pairs["nfe"], "seconds": pairs["seconds"]}
+        torch.manual_seed(args.seed + 5001)
+        model = make_model(data.shape, 2, args.channels, n_classes).to(device)
+        model.load_state_dict(stages["stage1"].state_dict())
+        x_hat, e, labels = (None if v is None else v.to(device) for v in (pairs["x_hat"], pairs["e"], pairs["labels"]))
+        config = {**settings, "steps": args.reflow_steps, **imf,
+                  "made_from": file_hash(os.path.join(args.out, "pairs1.pt"))}
+        stages["stage2"], infos["stage2"] = train_stage("stage2", model, functools.partial(imf_loss, **imf), pair_batches(
+            x_hat, e, labels, args.batch_size, args.seed + 5001), args.reflow_steps, config, args)
 
-    def draw_data():                                            # stage 1: independent data and noise
-        x, y = data.draw(args.batch_size)
-        return x, torch.randn_like(x), drop_labels(y, args.label_drop, n_classes) if args.cond else None
-
-    recipe, side = imf_reflow_recipe(args.teacher, args.boundary_frac, args.r0_frac, args.guidance, args.boundary_t)
-    stages = train_stages(train_stage, get_pairs, draw_data, [data.rng], recipe, side, args.from_scratch,
-                          args.batch_size, args.seed)
-
-    e = eval_noise(data, args.seed + 3000, device)              # quasi-random for moons: see eval_noise
-    labels = data.heldout_labels if args.cond else None         # the classes asked for: the held-out set's
+    # each stage: 1, 2, 4 steps and its dopri5 ODE, from the same noise, for the held-out labels
+    e = eval_noise(data, args.seed + 3000, device)
+    labels = data.heldout_labels if args.cond else None
     y = None if labels is None else torch.as_tensor(labels, device=device)
-    out, paths, first, n_grid = {}, {}, {}, 100 if data.shape == (2,) else 10
-    for name, (m, few_step, w) in stages.items():
-        m.eval()
-        evals, kw = (1, {}) if y is None or w == 1 else (2, {"w": w})  # guided: two evaluations per step
-        first[name] = f"{name}_nfe{evals}"
-        for n in (1, 2, 4) if name != "distill" else (1,):   # distillation learned the one-step map only
-            out[f"{name}_nfe{n * evals}"] = few_step(m, e, n, y, **kw)
-        if name == "distill":
-            continue
-        path, infos[name]["ode_nfe"] = ode_generate(m, e, args.rtol, args.atol, n_grid, labels=y, w=w)
+    losses, out, panels = {name: info.pop("losses") for name, info in infos.items()}, {}, []
+    for name, model in stages.items():
+        w = args.guidance if name == "stage1" and args.teacher == "fm" else 1.0
+        per_step = 1 if y is None or w == 1 else 2
+        for n in (1, 2, 4):                                 # the fm teacher: Euler steps; iMF: z_r = z_t - (t - r) u
+            few_step = euler_sample(model, e, n, y, w) if name == "stage1" and args.teacher == "fm" else sample(model, e, n, y)
+            out[f"{name}_nfe{n * per_step}"] = few_step
+        path, infos[name]["ode_nfe"] = ode_generate(model, e, args.tol, y, w, 100 if data.shape == (2,) else 10)
         out[f"{name}_ode"] = path[-1]
-        infos[name]["straightness"], infos[name]["transport_cost"] = straightness(m, path, y, w)
-        infos[name]["guidance"] = w if y is not None else None
-        if data.shape == (2,):
-            paths[name] = np.stack([data.to_data(z) for z in path[:, :300]], axis=1)
+        infos[name]["straightness"], infos[name]["transport_cost"] = straightness(model, path, y, w)
+        ode = np.stack([data.to_data(z) for z in path[:, :300]], 1) if data.shape == (2,) else out[f"{name}_ode"]
+        panels.append((f"{name} ODE" + (" paths" if data.shape == (2,) else ""), ode))
+        panels.append((f"{name}_nfe{per_step}", out[f"{name}_nfe{per_step}"]))
     samples = {k: data.to_data(v) for k, v in out.items()}
-    print(f"{TITLE} on {args.data}: each stage's few-step sampler at NFE 1, 2, 4 and its dopri5 ODE, EMA weights:")
-    metrics = report(samples, data, labels)
-    print(f"{'':8}{'steps':>6}{'seconds':>9}{'1-NFE':>8}{'2-NFE':>8}{'4-NFE':>8}{'ODE':>7}{'(NFE)':>7}"
-          f"{'straightness':>14}{'transport cost':>16}")
+    panels = [("real (held-out)", data.heldout)] + [(k, samples[k] if k in samples else v) for k, v in panels]
+    print(f"iMF on a reflow coupling, {args.data}: each stage's few steps and dopri5 ODE:")
+    metrics = report_w2(samples, data) if data.shape == (2,) else {}
     for name, info in infos.items():
-        r = [metrics.get(f"ratio_{name}_{s}") for s in ("nfe1", "nfe2", "nfe4", "ode")]
-        cells = "".join(f"{v:>7.2f}x" if v is not None else f"{'-':>8}" for v in r[:3])
-        ode = f"{r[3]:>6.2f}x{info['ode_nfe']:>7}" if r[3] is not None else f"{'-':>7}{'':>7}"
-        geo = (f"{info['straightness']:>14.4f}{info['transport_cost']:>16.4f}" if "straightness" in info
-               else f"{'-':>14}{'-':>16}")
-        took = "reused" if info["reused"] else f"{info['train_seconds']:.1f}"
-        print(f"{name:<8}{info['steps']:>6}{took:>9}{cells}{ode}{geo}")
-    metrics["stages"] = {name: {k: (round(v, 5) if isinstance(v, float) else v) for k, v in info.items()
-                                if k != "losses"} for name, info in infos.items()}
-    metrics["pairs"] = pair_infos
-    metrics["command"] = " ".join(["python", f"{SCRIPT}.py"] + (sys.argv[1:] if argv is None else list(argv)))
-    last = [n for n in stages if n != "distill"][-1]            # plain keys: the last flow stage
-    save_results(args.out, {**samples, **{k[len(last) + 1:]: v for k, v in samples.items()
-                                          if k.startswith(last + "_")}}, data, metrics, labels)
-    top = [("real", "real (held-out)")]
-    bottom = [("losses", {n: i["losses"] for n, i in infos.items()}, "training loss")]
-    colors = angle_colors(e[:300].cpu().numpy()) if data.shape == (2,) else None  # by the noise point's angle
-    for name, (_, few_step, w) in stages.items():
-        one = first[name]                                       # one step: 1 NFE, or 2 with guidance
-        label = (f"{name}: 1 step ({few_step.__name__}{', %s' % one.split('_')[1] if one[-1] != '1' else ''}), "
-                 f"{metrics['metric']} {metrics[f'ratio_{one}']:.2f}x")
-        bottom.append(("samples", samples[one], label, labels))
-        if name == "distill":
-            top.append(("text", "one-step distillation:\ntrained at t = 1 only,\nno ODE of its own"))
-        elif data.shape == (2,):
-            straight = infos[name]["straightness"]
-            top.append(("paths", paths[name], f"{name}: ODE paths, straightness {straight:.4f}", colors))
-        else:
-            ratio = metrics[f"ratio_{name}_ode"]
-            top.append(("samples", samples[f"{name}_ode"], f"{name}: dopri5 ODE, FD {ratio:.2f}x floor", labels))
-    cond = f", class-conditional (one row per class), guidance {args.guidance:g}" if args.cond else ""
-    plot_panels(os.path.join(args.out, "results.png"), f"{TITLE} on {args.data}{cond}: " + " -> ".join(
-        f"{n} ({i['steps']} steps)" for n, i in infos.items()), data, [top, bottom])
-    print(f"wrote {args.out}/results.png, samples.npz, metrics.json and the stage files")
+        print(f"{name}: {info['steps']} steps, ODE {info['ode_nfe']} NFE, straightness {info['straightness']:.4f}, "
+              f"transport cost {info['transport_cost']:.4f}")
+    metrics.update(command=" ".join(["python", f"{SCRIPT}.py", *args.argv]), stages=infos, pairs=pair_infos)
+    save_results(args.out, samples, data, metrics, labels)
+    plot_panels(os.path.join(args.out, "results.png"), f"iMF on a reflow coupling, {args.data}"
+                f"{f', guidance {args.guidance:g}' if y is not None else ''}: "
+                + " -> ".join(f"{n} ({i['steps']} steps)" for n, i in infos.items()), data, panels, losses, metrics, labels)
+    print(f"wrote {args.out}: results.png, samples.npz, metrics.json and the stage and pairs files")
+    if data.shape != (2,):
+        print(f"score the images with: python evaluate.py {args.out}")
     if any(info["interrupted"] for info in infos.values()):
-        sys.exit(130)
+        raise KeyboardInterrupt
     return metrics
 
 
 def main(argv=None):
-    """Command line entry: one-line errors for problems the user can fix, exit code 130 on Ctrl-C."""
+    """Command line entry: problems the user can fix end in a one-line error; Ctrl-C exits with code 130."""
     import matplotlib
     matplotlib.use("Agg")
     args = get_args(argv)
     try:
-        return run(args, argv)
+        return run(args)
     except RunError as err:
         sys.exit(f"error: {err}")
     except KeyboardInterrupt:
-        print("\ninterrupted")
         sys.exit(130)
 
 
