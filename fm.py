@@ -1,19 +1,15 @@
 """Flow Matching (conditional OT path): regress a velocity field, then sample it with an ODE solver.
 
-Lipman et al., "Flow Matching for Generative Modeling" (ICLR 2023), in this collection's time convention:
+Lipman et al., "Flow Matching for Generative Modeling" (ICLR 2023), with the collection's time convention:
 data x at t = 0, noise e ~ N(0, I) at t = 1 (the paper puts noise at t = 0: its t is our 1 - t).
-  path       z_t = (1 - t) x + (sigma_min + (1 - sigma_min) t) e
-  velocity   v = dz_t/dt = (1 - sigma_min) e - x
-  loss       || v_theta(z_t, t) - v ||^2,  t ~ U(0, 1)
-  sampling   dz/dt = v_theta(z, t) from t = 1 to t = 0: Euler by hand, z <- z + (t_next - t) v_theta(z, t),
-             or torchdiffeq (euler, midpoint, rk4, dopri5)
-  guidance   --cond --guidance W: v = v(z, t | no label) + W (v(z, t | label) - v(z, t | no label)), two
-             network evaluations per step, counted in the NFE (nfe2 is one guided Euler step)
-Departures from the paper: small networks with a low-frequency time embedding (TimeEmbedding); --u-shaped
-draws t from Lee et al.'s (2024) U-shaped density instead of U(0, 1).
+  path      z_t = (1 - t) x + (sigma_min + (1 - sigma_min) t) e,  t ~ U(0, 1)
+  loss      || v_theta(z_t, t) - dz_t/dt ||^2,  dz_t/dt = (1 - sigma_min) e - x
+  sampling  dz/dt = v_theta(z, t) from t = 1 to 0: Euler by hand, z <- z + (t_next - t) v_theta(z, t),
+            or a torchdiffeq solver (euler, midpoint, rk4, dopri5)
+  guidance  --cond --guidance W: v(no label) + W (v(label) - v(no label)), two network evaluations a step
+Departure from the paper: small networks with a low-frequency time embedding.
 
-  python fm.py                                      # moons, under a minute on a laptop CPU: W2 vs the floor
-  python fm.py --solver rk4 --ode-steps 8
+  python fm.py                                      # moons, about 30 s on a laptop CPU: W2 vs the floor
   python fm.py --data digits --cond --guidance 2    # then: python evaluate.py outputs/fm
 """
 import argparse
@@ -33,21 +29,17 @@ from tqdm import tqdm
 
 
 # --- method ---
-def fm_loss(model, x, e, labels=None, sigma_min=1e-3, u_shaped=False):
-    """Conditional flow matching on the OT path: ||v_theta(z_t, t) - ((1 - sigma_min) e - x)||^2 (labels: the
-    class of each x, "no label" where it was dropped, or None). u_shaped: p(t) ~ cosh(4 (t - 1/2))."""
+def fm_loss(model, x, e, labels=None, sigma_min=1e-3):
+    """Conditional flow matching on the OT path: ||v_theta(z_t, t) - ((1 - sigma_min) e - x)||^2."""
     t = torch.rand(len(x), device=x.device)
-    if u_shaped:
-        t = torch.log1p(t * math.expm1(4.0)) / 4.0                  # density ~ exp(4t) on [0, 1], and
-        t = torch.where(torch.rand_like(t) < 0.5, 1 - t, t)         # mirrored for half: ~ cosh(4 (t - 1/2))
     tb = t.view(-1, *[1] * (x.dim() - 1))
     z = (1 - tb) * x + (sigma_min + (1 - sigma_min) * tb) * e      # z_t on the conditional OT path
-    return ((model(z, t, labels=labels) - ((1 - sigma_min) * e - x)) ** 2).mean()  # regress dz_t/dt
+    return ((model(z, t, labels=labels) - ((1 - sigma_min) * e - x)) ** 2).mean()
 
 
 def velocity(model, z, t, labels=None, w=1.0):
-    """v_theta(z, t); with labels and w != 1, classifier-free guidance v(no label) + w (v(label) - v(no label)),
-    two network evaluations made as one batched call."""
+    """v_theta(z, t), or with labels and w != 1 classifier-free guidance, v(no label) + w (v(label) -
+    v(no label)): two network evaluations, in one batched call."""
     if labels is None or w == 1:
         return model(z, t, labels=labels)
     null = torch.full_like(labels, model.n_classes)
@@ -65,10 +57,9 @@ def euler_sample(model, e, steps, labels=None, w=1.0):
 
 
 @torch.no_grad()
-def ode_generate(model, e, solver="dopri5", tol=1e-5, ode_steps=20, labels=None, w=1.0, n_grid=1):
-    """Integrate dz/dt = v(z, t) from t = 1 to 0 with torchdiffeq: dopri5 with rtol = atol = tol, or a fixed-step
-    solver with ode_steps steps. Returns the states at n_grid + 1 equally spaced times (the last: the samples)
-    and the number of network evaluations."""
+def ode_generate(model, e, solver="dopri5", ode_steps=20, labels=None, w=1.0, n_grid=1, tol=1e-5):
+    """Integrate dz/dt = v(z, t) from t = 1 to 0 with torchdiffeq (dopri5: rtol = atol = tol; the others:
+    ode_steps steps). Returns the states at n_grid + 1 equal time steps, and the network evaluations."""
     from torchdiffeq import odeint
     nfe = [0]
 
@@ -76,7 +67,7 @@ def ode_generate(model, e, solver="dopri5", tol=1e-5, ode_steps=20, labels=None,
         nfe[0] += 1 if labels is None or w == 1 else 2     # guided: two evaluations
         return velocity(model, z, t.expand(len(z)), labels, w)
 
-    if solver == "dopri5":                                  # float64 time, float32 on MPS (it has no float64)
+    if solver == "dopri5":                                  # float64 time, but MPS has no float64
         options = {"dtype": torch.float32 if e.device.type == "mps" else torch.float64}
     else:
         options = {"step_size": 1.0 / ode_steps}
@@ -86,8 +77,8 @@ def ode_generate(model, e, solver="dopri5", tol=1e-5, ode_steps=20, labels=None,
 
 # --- model ---
 def embed_inputs(net, times, labels):
-    """Sinusoidal embeddings of the times in [0, 1] at low frequencies (1 to 2 rad: iMF differentiates the
-    network in t, and up to 30 rad made its one-step samples worse), and of the labels (None: "no label")."""
+    """Sinusoidal embeddings of the times at low frequencies (1 to 2 rad: iMF differentiates the network
+    in t, and up to 30 rad made its one-step samples worse), and of the labels (None: "no label")."""
     freqs = torch.exp(torch.linspace(0.0, math.log(2.0), 32, device=times[0].device))
     parts = [torch.cat([(t[:, None] * freqs).sin(), (t[:, None] * freqs).cos()], dim=-1) for t in times]
     if net.n_classes:
@@ -99,18 +90,18 @@ def embed_inputs(net, times, labels):
 class ResMLP(nn.Module):
     """Residual MLP for 2D points: forward(z, *times, labels=None)."""
 
-    def __init__(self, n_times=1, n_classes=0, dim=2, hidden=64, depth=3, emb=64):
+    def __init__(self, n_times=1, n_classes=0, hidden=64, depth=3, emb=64):
         super().__init__()
         self.n_classes = n_classes
         if n_classes:
-            self.label = nn.Embedding(n_classes + 1, emb)   # index n_classes: no label
+            self.label = nn.Embedding(n_classes + 1, emb)   # the last index: no label
         self.cond = nn.Sequential(nn.Linear((n_times + (n_classes > 0)) * emb, hidden), nn.SiLU(),
                                   nn.Linear(hidden, hidden))
-        self.inp = nn.Linear(dim, hidden)
+        self.inp = nn.Linear(2, hidden)
         self.blocks = nn.ModuleList(
             nn.Sequential(nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
             for _ in range(depth))
-        self.out = nn.Sequential(nn.SiLU(), nn.Linear(hidden, dim))
+        self.out = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2))
 
     def forward(self, z, *times, labels=None):
         c = self.cond(embed_inputs(self, times, labels))
@@ -121,15 +112,15 @@ class ResMLP(nn.Module):
 
 
 class SmallUNet(nn.Module):
-    """U-Net for images (C, H, W), forward(z, *times, labels=None): full and half resolution (ch, 2 ch channels),
-    and for H, W multiples of 4 and at least 16 a quarter resolution (4 ch), which sees a whole 28x28 digit."""
+    """U-Net for images (C, H, W): forward(z, *times, labels=None). Full and half resolution (ch, 2 ch
+    channels), and a quarter one (4 ch) if H and W are multiples of 4, at least 16: it sees a whole digit."""
 
     def __init__(self, shape, n_times=1, ch=32, n_classes=0, emb=64):
         super().__init__()
         self.n_classes, self.ch = n_classes, ch
         self.deep = shape[1] % 4 == 0 and shape[2] % 4 == 0 and min(shape[1:]) >= 16
         if n_classes:
-            self.label = nn.Embedding(n_classes + 1, emb)   # index n_classes: no label
+            self.label = nn.Embedding(n_classes + 1, emb)   # the last index: no label
         self.cond = nn.Sequential(nn.Linear((n_times + (n_classes > 0)) * emb, 4 * ch), nn.SiLU(),
                                   nn.Linear(4 * ch, (7 if self.deep else 3) * ch))
         self.in1 = nn.Conv2d(shape[0], ch, 3, padding=1)
@@ -167,20 +158,18 @@ def make_model(shape, n_times, channels=32, n_classes=0):
 
 # --- data ---
 class RunError(Exception):
-    """A problem the user can fix (a file, a device, a download, a diverged loss); main prints it in one line."""
+    """A problem the user can fix (a file, a device, a download, a diverged loss): main prints one line."""
 
 
 TOYS = ["moons", "8gaussians", "checkerboard", "spirals", "circles"]
 N_CLASSES = {"moons": 2, "circles": 2, "spirals": 2, "8gaussians": 8, "digits": 10, "mnist": 10}
-# Each toy's fixed centre and scale (to about zero mean and unit variance), not per-batch statistics.
-TOY_CENTER_SCALE = {"moons": ([0.5, 0.25], [0.87, 0.5]), "8gaussians": ([0.0, 0.0], [1.5, 1.5]),
-                    "checkerboard": ([0.0, 0.0], [1.15, 1.15]), "spirals": ([0.0, 0.0], [1.6, 1.6]),
-                    "circles": ([0.0, 0.0], [0.56, 0.56])}
+TOY_CENTER_SCALE = {"moons": ([0.5, 0.25], [0.87, 0.5]), "8gaussians": ([0, 0], [1.5, 1.5]),
+                    "checkerboard": ([0, 0], [1.15, 1.15]), "spirals": ([0, 0], [1.6, 1.6]),
+                    "circles": ([0, 0], [0.56, 0.56])}      # fixed, to about mean 0 and variance 1
 
 
 def toy_points(name, n, rng):
-    """n points of a 2D toy in its own coordinates, drawn with the numpy Generator rng, and their labels:
-    the moon, circle, spiral arm or Gaussian (checkerboard: none, -1)."""
+    """n points of a 2D toy, drawn with the numpy Generator rng, and their labels (moon, arm, Gaussian...)."""
     from sklearn.datasets import make_circles, make_moons
     if name == "moons":
         return make_moons(n, noise=0.05, random_state=int(rng.integers(2**31)))
@@ -189,15 +178,15 @@ def toy_points(name, n, rng):
     if name == "8gaussians":
         k = rng.integers(8, size=n)
         angles = k * (np.pi / 4)
-        return 2.0 * np.stack([np.cos(angles), np.sin(angles)], 1) + 0.15 * rng.standard_normal((n, 2)), k
+        centers = 2.0 * np.stack([np.cos(angles), np.sin(angles)], 1)
+        return centers + 0.15 * rng.standard_normal((n, 2)), k
     if name == "checkerboard":
         x1 = rng.uniform(-2, 2, n)
         x2 = rng.uniform(0, 1, n) - 2 * rng.integers(2, size=n) + np.floor(x1) % 2
         return np.stack([x1, x2], 1), np.full(n, -1)
-    s = np.sqrt(rng.uniform(0, 1, n)) * 3 * np.pi           # spirals
-    k = rng.integers(2, size=n)
-    sign = np.where(k == 0, 1.0, -1.0)[:, None]
-    return sign * np.stack([-np.cos(s) * s, np.sin(s) * s], 1) / 4 + 0.08 * rng.standard_normal((n, 2)), k
+    s, k = np.sqrt(rng.uniform(0, 1, n)) * 3 * np.pi, rng.integers(2, size=n)   # spirals
+    arms = np.where(k == 0, 1.0, -1.0)[:, None] * np.stack([-np.cos(s) * s, np.sin(s) * s], 1) / 4
+    return arms + 0.08 * rng.standard_normal((n, 2)), k
 
 
 def load_images(name, data_dir):
@@ -212,37 +201,36 @@ def load_images(name, data_dir):
         from torchvision.datasets import MNIST
         train, test = MNIST(data_dir, train=True, download=True), MNIST(data_dir, train=False, download=True)
     except Exception as err:                                # no network, broken files, ...
-        why = " ".join(str(err).split())[:120]            # (torchvision's messages have several lines)
+        why = " ".join(str(err).split())[:120]              # (torchvision's message has several lines)
         raise RunError(f"cannot load MNIST in {data_dir!r} ({type(err).__name__}: {why}); "
                        "--data digits works offline") from None
     return train.data[:, None] / 255, train.targets, test.data[:2000, None] / 255, test.targets[:2000]
 
 
 class Data:
-    """Training batches in model coordinates (toys scaled by fixed constants, images in [-1, 1]); held-out
-    samples and labels in data coordinates, and for toys a second real set for the W2 floor."""
+    """Training batches in model coordinates (toys scaled to about mean 0, variance 1; images in [-1, 1]), and
+    held-out samples, their labels and for toys a second real set (the W2 floor's) in data coordinates."""
 
     def __init__(self, name, data_dir, seed, device, n_eval):
         self.name, self.seed, self.device, self.n_classes = name, seed, device, N_CLASSES.get(name, 0)
         self.rng = np.random.default_rng(seed)
-        if name in TOYS:
-            pool, labels = toy_points(name, 2**16, self.rng)    # batches are drawn from this pool
-            self.center, self.scale = (torch.tensor(v) for v in TOY_CENTER_SCALE[name])
-            self.train = (torch.tensor(pool, dtype=torch.float32) - self.center) / self.scale
-            self.labels = torch.tensor(labels)
+        if name in TOYS:                                    # batches come from a pool of 65,536 points
+            train, labels = toy_points(name, 2**16, self.rng)
             heldout, self.heldout_labels = toy_points(name, n_eval, np.random.default_rng(seed + 1000))
             self.heldout = heldout.astype(np.float32)
             self.floor = toy_points(name, n_eval, np.random.default_rng(seed + 2000))[0].astype(np.float32)
+            center, scale = TOY_CENTER_SCALE[name]
         else:
-            train, self.labels, heldout, heldout_labels = load_images(name, data_dir)
-            self.train = 2 * train - 1
+            train, labels, heldout, heldout_labels = load_images(name, data_dir)
             self.heldout, self.heldout_labels = heldout[:n_eval].numpy(), heldout_labels[:n_eval].numpy()
-        self.shape = tuple(self.train.shape[1:])
-        self.train, self.labels = self.train.to(device), self.labels.long().to(device)
+            center, scale = 0.5, 0.5
+        self.center, self.scale = (torch.tensor(v, dtype=torch.float32) for v in (center, scale))
+        self.train = ((torch.as_tensor(train, dtype=torch.float32) - self.center) / self.scale).to(device)
+        self.labels, self.shape = torch.as_tensor(labels).long().to(device), tuple(self.train.shape[1:])
 
     def batches(self, n, label_drop=None):
-        """Endless training batches (x, e, labels): data, noise e ~ N(0, I), and labels (None unless label_drop
-        is given; then each label becomes "no label" with that probability, for guidance)."""
+        """Endless batches (x, e, labels) on the device: data, noise e ~ N(0, I) and the labels (None unless
+        label_drop, the share of labels replaced by "no label", is given)."""
         while True:
             i = torch.from_numpy(self.rng.integers(len(self.train), size=n)).to(self.device)
             x, y = self.train[i], self.labels[i]
@@ -253,10 +241,8 @@ class Data:
 
     def to_data(self, x):
         """Model coordinates -> data coordinates (toy units, images in [0, 1]), as a numpy array."""
-        x = x.detach().float().cpu()
-        if self.shape == (2,):
-            return (x * self.scale + self.center).numpy()
-        return ((x + 1) / 2).clamp(0, 1).numpy()
+        x = x.detach().float().cpu() * self.scale + self.center
+        return (x if self.shape == (2,) else x.clamp(0, 1)).numpy()
 
 
 # --- training ---
@@ -271,38 +257,30 @@ def pick_device(name):
 
 
 def save_checkpoint(path, state):
-    """Write atomically (a temporary file, then os.replace): a crash never leaves a half-written file."""
+    """Write atomically, to a temporary file and then os.replace: never a half-written file."""
     torch.save(state, f"{path}.{os.getpid()}.tmp")
     os.replace(f"{path}.{os.getpid()}.tmp", path)
 
 
 def load_saved(path, config):
-    """The dict saved at path (None if there is no file) and the settings where its config and this one
-    differ ("" if none); RunError if the file cannot be read."""
+    """The dict saved at path (None if there is none) and the settings where its config and this differ."""
     if not os.path.exists(path):
         return None, ""
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
         old = saved["config"]
     except Exception as err:
-        raise RunError(f"cannot read {path} ({type(err).__name__}); delete it or choose another --out") from None
-    return saved, ", ".join(f"{k}: {old.get(k)} there, {config.get(k)} here" for k in {**old, **config}
-                            if old.get(k) != config.get(k))
+        raise RunError(f"cannot read {path} ({type(err).__name__}): delete it or use another --out") from None
+    keys = [k for k in {**old, **config} if old.get(k) != config.get(k)]
+    return saved, ", ".join(f"{k}: {old.get(k)} there, {config.get(k)} here" for k in keys)
 
 
-def lr_at(step, lr, total):
-    """Linear warm-up, then cosine decay from lr to lr / 20 at step `total`."""
-    warmup = min(200, total // 10 + 1)
-    return lr * min(1.0, (step + 1) / warmup) * (0.05 + 0.475 * (1 + math.cos(math.pi * step / total)))
-
-
-def train(model, loss_fn, batches, steps, lr, path, config, ckpt=None, ckpt_every=2000, desc="train"):
-    """Adam on loss_fn(model, x, e, labels) over the batches, lr by lr_at, and an EMA of the weights to sample
-    from (decay 0.999, capped by (1 + s) / (10 + s) at step s); ckpt: a saved state to continue. Saves to path
-    every ckpt_every steps, at the end and on Ctrl-C. Returns the EMA model and an info dict."""
+def train(model, loss_fn, batches, steps, lr, path, config, ckpt=None, ckpt_every=2000, desc=None):
+    """Adam on loss_fn(model, x, e, labels) with warm-up and cosine lr, and an EMA of the weights to sample
+    from. Continues from ckpt if given; saves to path every ckpt_every steps, at the end and on Ctrl-C."""
     opt = torch.optim.Adam(model.parameters(), lr=lr, foreach=True)
     ema = copy.deepcopy(model).requires_grad_(False)
-    losses, interrupted = [], False                         # losses: one per step done
+    losses, interrupted = [], False                         # one loss per step done
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
@@ -310,22 +288,24 @@ def train(model, loss_fn, batches, steps, lr, path, config, ckpt=None, ckpt_ever
         losses = ckpt["losses"]
 
     def save():
-        save_checkpoint(path, {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-                               "step": len(losses), "config": config, "losses": losses})
+        save_checkpoint(path, {"model": model.state_dict(), "ema": ema.state_dict(), "step": len(losses),
+                               "optimizer": opt.state_dict(), "config": config, "losses": losses})
 
-    start, t0 = len(losses), time.perf_counter()
+    t0 = time.perf_counter()
     try:
-        for step in tqdm(range(start, steps), desc, initial=start, total=steps, mininterval=1.0):
+        for step in tqdm(range(len(losses), steps), desc, total=steps, initial=len(losses), mininterval=1):
             x, e, labels = next(batches)
             loss = loss_fn(model, x, e, labels)
-            if not math.isfinite(loss.item()):              # (nothing non-finite gets saved)
+            if not math.isfinite(loss.item()):              # stop before it reaches the weights
                 raise RunError(f"the loss became non-finite at step {step + 1}; try a lower --lr")
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            warmup = min(1.0, (step + 1) / min(200, steps // 10 + 1))
+            decay = 0.05 + 0.475 * (1 + math.cos(math.pi * step / steps))      # cosine from lr to lr / 20
             for group in opt.param_groups:
-                group["lr"] = lr_at(step, lr, steps)
+                group["lr"] = lr * warmup * decay
             opt.step()
-            with torch.no_grad():
+            with torch.no_grad():                           # EMA 0.999, capped by (1 + s) / (10 + s) early on
                 for p_ema, p in zip(ema.parameters(), model.parameters()):
                     p_ema.lerp_(p, 1 - min(0.999, (1 + step) / (10 + step)))
             losses.append(loss.item())
@@ -334,21 +314,18 @@ def train(model, loss_fn, batches, steps, lr, path, config, ckpt=None, ckpt_ever
     except KeyboardInterrupt:
         interrupted = True
         save()
-        print(f"\n[{desc}] interrupted at step {len(losses)}: saved {path} (--resume continues it)")
-    seconds = time.perf_counter() - t0
-    if len(losses) > start:
-        print(f"[{desc}] {len(losses) - start} steps in {seconds:.1f} s")
-    return ema, {"steps": len(losses), "train_seconds": round(seconds, 2), "losses": losses, "interrupted": interrupted}
+        print(f"\ninterrupted at step {len(losses)}: saved {path} (--resume continues it)")
+    seconds = round(time.perf_counter() - t0, 2)
+    return ema, {"steps": len(losses), "train_seconds": seconds, "interrupted": interrupted, "losses": losses}
 
 
 # --- evaluation ---
 def w2_distance(a, b):
-    """Exact 2-Wasserstein distance between two equal-size point sets: the optimal matching on squared
-    distances (scipy's linear_sum_assignment), then the square root of its mean."""
+    """Exact 2-Wasserstein distance of two equal-size point sets, by an optimal matching."""
     from scipy.optimize import linear_sum_assignment
     a = torch.as_tensor(a, dtype=torch.float64).reshape(len(a), -1)
     b = torch.as_tensor(b, dtype=torch.float64).reshape(len(b), -1)
-    if a.var(0).sum() < b.var(0).sum():     # the same optimum, found faster with the wider set as rows
+    if a.var(0).sum() < b.var(0).sum():                     # the same optimum, found faster
         a, b = b, a
     cost = (torch.cdist(a, b) ** 2).numpy()
     rows, cols = linear_sum_assignment(cost)
@@ -356,9 +333,8 @@ def w2_distance(a, b):
 
 
 def eval_noise(data, seed, device):
-    """Noise for the evaluation samples: N(0, I), but for moons and circles, whose real sets sklearn splits
-    exactly between two curves (i.i.d. noise sends ~1/(2 sqrt(n)) more to one, which W2 charges as transport),
-    scrambled Sobol points through the normal inverse CDF."""
+    """Noise for the evaluation samples: N(0, I), but quasi-random (scrambled Sobol points) for moons and
+    circles, whose real sets split exactly between two curves, as i.i.d. noise would not (W2 counts that)."""
     n = len(data.heldout)
     if data.name not in ("moons", "circles"):
         return torch.randn(n, *data.shape, generator=torch.Generator().manual_seed(seed)).to(device)
@@ -367,7 +343,7 @@ def eval_noise(data, seed, device):
 
 
 def report_w2(samples, data):
-    """Print and return each sampler's W2 to the held-out set, and the floor: the W2 between two real sets."""
+    """Print and return each sampler's W2 to the held-out set, and the floor: the W2 of two real sets."""
     floor = w2_distance(data.floor, data.heldout)
     metrics = {"w2_floor": round(floor, 5)}
     for key, x in samples.items():
@@ -378,51 +354,54 @@ def report_w2(samples, data):
 
 
 def save_results(out, samples, data, metrics, labels=None):
-    """samples.npz: each sampler's samples, the held-out `real` set (toys: and the `floor` set), the `labels`
-    a conditional run asked for, and the `data` name and `seed` for evaluate.py; metrics.json."""
-    extra = ({"floor": data.floor} if data.shape == (2,) else {}) | ({} if labels is None else {"labels": labels})
-    np.savez(os.path.join(out, "samples.npz"), real=data.heldout, data=data.name, seed=data.seed, **samples, **extra)
+    """samples.npz (the samples, `real`, toys' `floor` set, the `labels` asked for, and for evaluate.py the
+    `data` name and `seed`) and metrics.json."""
+    extra = {"floor": data.floor} if data.shape == (2,) else {}
+    extra.update({} if labels is None else {"labels": labels})
+    np.savez(os.path.join(out, "samples.npz"), **samples, **extra, real=data.heldout, data=data.name,
+             seed=data.seed)
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
 
 
 def image_grid(x, labels=None, n=8):
-    """Images (N, C, H, W) in [0, 1] as one (H', W', 3) array: n x n of them, or a row of n per class."""
+    """Images (N, C, H, W) as one (H', W', 3) array: n x n of them, or a row of n per class asked for."""
     from torchvision.utils import make_grid
     x = torch.as_tensor(x)
     if labels is None:
         x = x[:n * n]
-    else:                                           # row k: the first n samples of class k, grey if fewer
+    else:                                                   # grey where a class has fewer than n
         blank = torch.full((n, *x.shape[1:]), 0.5)
         x = torch.cat([torch.cat([x[labels == k][:n], blank])[:n] for k in range(labels.max() + 1)])
     return make_grid(x, nrow=n, padding=1, pad_value=0.5).permute(1, 2, 0).numpy()
 
 
 def plot_panels(path, title, data, panels, losses, metrics, labels=None):
-    """Save a figure of the panels (name, array), the first the real data: 2D points (coloured by the labels
-    asked for), 2D paths (N, K, 2) from t = 1 to 0 or an image grid; then the losses {name: list}."""
+    """Save a figure: a panel per (name, array), the first the real data, then the losses {name: list}.
+    2D points are coloured by the labels asked for; (N, K, 2) arrays are paths from t = 1 to t = 0."""
     import matplotlib.pyplot as plt
     from matplotlib.collections import LineCollection
     fig, axes = plt.subplots(1, len(panels) + 1, figsize=(3.2 * (len(panels) + 1), 3.4))
     for i, (ax, (name, x)) in enumerate(zip(axes, panels)):
         ratio = metrics.get(f"w2_ratio_{name}")
         ax.set_title(name + (f": W2 {ratio:.2f}x floor" if ratio else ""), fontsize=9)
-        if x.ndim == 3:                             # paths from the noise (green) to the samples (black)
+        if x.ndim == 3:                                     # paths: noise (green) to sample (black)
             ax.add_collection(LineCollection(x, colors="gray", lw=0.4, alpha=0.5))
             ax.scatter(*x[:, 0].T, s=2, color="C2")
             ax.scatter(*x[:, -1].T, s=2, color="k")
         elif x.ndim == 2:
-            ax.scatter(*x.T, s=2, alpha=0.4, c=[f"C{k % 10}" for k in labels] if labels is not None
-                       else "C0" if i == 0 else "C1")
+            colors = "C0" if i == 0 else "C1" if labels is None else [f"C{k % 10}" for k in labels]
+            ax.scatter(*x.T, s=2, alpha=0.4, c=colors)
             ax.set(xlim=axes[0].get_xlim(), ylim=axes[0].get_ylim())
         else:
             ax.imshow(image_grid(x, labels))
             ax.axis("off")
     start = 0
-    for name, curve in losses.items():              # one stage after another
+    for name, curve in losses.items():                      # one stage after another
         axes[-1].plot(range(start, start + len(curve)), curve, lw=0.5, label=name)
         start += len(curve)
-    axes[-1].set(yscale="log", title="training loss")
+    axes[-1].set_yscale("log")
+    axes[-1].set_title("training loss", fontsize=9)
     axes[-1].legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -435,7 +414,7 @@ SCRIPT = os.path.splitext(os.path.basename(__file__))[0]
 DEFAULTS = {"toys": {"steps": 4000, "batch_size": 512, "lr": 5e-3, "channels": 32},
             "digits": {"steps": 4000, "batch_size": 128, "lr": 2e-3, "channels": 16},
             "mnist": {"steps": 20000, "batch_size": 128, "lr": 1e-3, "channels": 32}}
-POSITIVE = ["steps", "batch_size", "lr", "channels", "ckpt_every", "n_eval", "guidance", "ode_steps", "tol"]
+POSITIVE = ["steps", "batch_size", "lr", "channels", "ckpt_every", "n_eval", "guidance", "ode_steps"]
 FRACTIONS = ["label_drop", "sigma_min"]
 
 
@@ -448,9 +427,11 @@ def get_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", default="moons", choices=TOYS + ["digits", "mnist"], help="dataset")
     p.add_argument("--data-dir", default="data", help="where MNIST is stored or downloaded to")
-    p.add_argument("--steps", type=int, default=argparse.SUPPRESS, help=f"training steps ({per_data('steps')})")
-    p.add_argument("--batch-size", type=int, default=argparse.SUPPRESS, help=f"batch size ({per_data('batch_size')})")
-    p.add_argument("--lr", type=float, default=argparse.SUPPRESS, help=f"Adam's learning rate ({per_data('lr')})")
+    p.add_argument("--steps", type=int, default=argparse.SUPPRESS,
+                   help=f"training steps ({per_data('steps')})")
+    p.add_argument("--batch-size", type=int, default=argparse.SUPPRESS,
+                   help=f"batch size ({per_data('batch_size')})")
+    p.add_argument("--lr", type=float, default=argparse.SUPPRESS, help=f"learning rate ({per_data('lr')})")
     p.add_argument("--channels", type=int, default=argparse.SUPPRESS,
                    help=f"base channels of the image U-Net ({per_data('channels')})")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="device")
@@ -459,16 +440,14 @@ def get_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.add_argument("--ckpt-every", type=int, default=2000, help="checkpoint interval in steps")
     p.add_argument("--n-eval", type=int, default=2000, help="samples to evaluate (at most the held-out set)")
-    p.add_argument("--cond", action="store_true", help=f"class-conditional model ({', '.join(N_CLASSES)})")
-    p.add_argument("--label-drop", type=float, default=0.1, help="with --cond: share of training labels dropped")
-    p.add_argument("--guidance", type=float, default=1.0, help="with --cond: classifier-free guidance weight W, "
-                   "v(no label) + W (v(label) - v(no label)), 1: none; applied at sampling (two network evaluations per step)")
-    p.add_argument("--sigma-min", type=float, default=1e-3, help="noise left at the data end of the OT path")
-    p.add_argument("--u-shaped", action="store_true", help="training times from a U-shaped density, not U(0, 1)")
+    p.add_argument("--cond", action="store_true", help=f"class-conditional ({', '.join(N_CLASSES)})")
+    p.add_argument("--label-drop", type=float, default=0.1, help="with --cond: share of labels dropped")
+    p.add_argument("--guidance", type=float, default=1.0, help="with --cond: classifier-free guidance weight "
+                   "(1: none), at sampling: two network evaluations a step")
+    p.add_argument("--sigma-min", type=float, default=1e-3, help="noise left at the data end of the path")
     p.add_argument("--solver", default="dopri5", choices=["euler", "midpoint", "rk4", "dopri5"],
                    help="torchdiffeq solver of the 'ode' samples")
     p.add_argument("--ode-steps", type=int, default=20, help="steps of a fixed-step --solver")
-    p.add_argument("--tol", type=float, default=1e-5, help="dopri5's relative and absolute tolerance")
     args = p.parse_args(argv)
     for key, value in DEFAULTS["toys" if args.data in TOYS else args.data].items():
         vars(args).setdefault(key, value)
@@ -483,7 +462,7 @@ def get_args(argv=None):
     if args.cond and args.data not in N_CLASSES:
         p.error(f"--cond needs data with labels ({', '.join(N_CLASSES)})")
     if args.guidance != 1 and not (args.cond and args.label_drop > 0):
-        p.error("--guidance needs --cond and --label-drop > 0 (guidance uses the model without a label)")
+        p.error("--guidance needs --cond and --label-drop > 0 (it uses the model without a label)")
     args.argv = sys.argv[1:] if argv is None else list(argv)
     return args
 
@@ -494,37 +473,35 @@ def run(args):
     torch.manual_seed(args.seed)
     os.makedirs(args.out, exist_ok=True)
     data = Data(args.data, args.data_dir, args.seed, device, args.n_eval)
-    n_classes = data.n_classes if args.cond else 0
-    model = make_model(data.shape, 1, args.channels, n_classes).to(device)     # v_theta(z, t)
-    config = {"script": SCRIPT, **{k: vars(args)[k] for k in ["data", "channels", "cond", "label_drop",
-                                                              "sigma_min", "u_shaped"]}}
+    model = make_model(data.shape, 1, args.channels, data.n_classes if args.cond else 0).to(device)  # v(z, t)
+    config = {"script": SCRIPT, **{k: vars(args)[k] for k in ["data", "channels", "cond", "label_drop"]},
+              "sigma_min": args.sigma_min}
     path = os.path.join(args.out, "checkpoint.pt")
     ckpt, diff = load_saved(path, config) if args.resume else (None, "")
     if diff:
-        raise RunError(f"{path} was made with other settings ({diff}); drop --resume or choose another --out")
-    loss_fn = functools.partial(fm_loss, sigma_min=args.sigma_min, u_shaped=args.u_shaped)
+        raise RunError(f"{path} was made with other settings ({diff}): drop --resume or use another --out")
+    loss_fn = functools.partial(fm_loss, sigma_min=args.sigma_min)
     batches = data.batches(args.batch_size, args.label_drop if args.cond else None)
-    ema, info = train(model, loss_fn, batches, args.steps, args.lr, path, config, ckpt, args.ckpt_every, SCRIPT)
+    ema, info = train(model, loss_fn, batches, args.steps, args.lr, path, config, ckpt, args.ckpt_every)
 
-    # Euler with 1 to 8 steps and the ODE solver, from the same noise, asking for the held-out set's labels
+    # Euler with 1 to 8 steps and the ODE solver, from the same noise, for the held-out set's labels
     e = eval_noise(data, args.seed + 3000, device)
     labels = data.heldout_labels if args.cond else None
     y, w = None if labels is None else torch.as_tensor(labels, device=device), args.guidance
     per_step = 1 if y is None or w == 1 else 2              # network evaluations per Euler step
     out = {f"nfe{k * per_step}": euler_sample(ema, e, k, y, w) for k in (1, 2, 4, 8)}
-    path, ode_nfe = ode_generate(ema, e, args.solver, args.tol, args.ode_steps, y, w, n_grid=16)
-    out["ode"] = path[-1]
-    samples = {k: data.to_data(v) for k, v in out.items()}
-    print(f"Flow Matching on {args.data}, {info['steps']} steps; Euler, and {args.solver} with {ode_nfe} NFE:")
+    path, ode_nfe = ode_generate(ema, e, args.solver, args.ode_steps, y, w, n_grid=16)
+    samples = {k: data.to_data(v) for k, v in {**out, "ode": path[-1]}.items()}
+    print(f"Flow Matching on {args.data}, {info['steps']} steps; Euler, and {args.solver} ({ode_nfe} NFE):")
     metrics = report_w2(samples, data) if data.shape == (2,) else {}
     metrics.update(command=" ".join(["python", f"{SCRIPT}.py", *args.argv]), steps=info["steps"],
                    train_seconds=info["train_seconds"], ode_nfe=ode_nfe)
     save_results(args.out, samples, data, metrics, labels)
     panels = [("real (held-out)", data.heldout), *samples.items()]
     if data.shape == (2,):
-        panels.append((f"{args.solver} paths", np.stack([data.to_data(z) for z in path[:, :300]], axis=1)))
-    plot_panels(os.path.join(args.out, "results.png"), f"Flow Matching on {args.data}"
-                f"{f', guidance {w:g}' if y is not None else ''}, {info['steps']} steps", data, panels,
+        panels.append((f"{args.solver} paths", np.stack([data.to_data(z) for z in path[:, :300]], 1)))
+    title = f"Flow Matching on {args.data}" + (f", guidance {w:g}" if y is not None else "")
+    plot_panels(os.path.join(args.out, "results.png"), f"{title}, {info['steps']} steps", data, panels,
                 {"flow matching": info["losses"]}, metrics, labels)
     print(f"wrote {args.out}: results.png, samples.npz, metrics.json, checkpoint.pt")
     if data.shape != (2,):

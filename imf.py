@@ -11,8 +11,8 @@ collection's time convention: data x at t = 0, noise e ~ N(0, I) at t = 1, z_t =
   guidance           --cond --guidance W, trained in as in MeanFlow: labelled rows regress
                      W (e - x) + (1 - W) sg(u(z_t, t, t | no label)); one step stays one network evaluation
 Departures from the papers (measured: RESULTS.md):
-  - (r, t): 70% of a batch r = t, 20% r = 0 (the one-step corner's slice), 10% two sorted uniform times; the
-    r = t rows draw t from logit-normal(-0.4, 1) on toys, as the larger of two uniforms on images (--boundary-t)
+  - (r, t): 70% of a batch r = t, 20% r = 0 (the slice of the one-step corner), 10% two sorted uniform
+    times; the r = t rows take t ~ logit-normal(-0.4, 1) on toys, the larger of two uniforms on images
   - the plain squared loss, not the papers' adaptive weighting; small networks, a low-frequency time embedding
 
   python imf.py                                     # moons, about 30 s on a laptop CPU: W2 vs the floor
@@ -64,9 +64,11 @@ def meanflow_jvp(model, z, r, t, v, labels=None):
         return torch.func.jvp(f, (weights, z, r, t), (zeros, v, torch.zeros_like(r), torch.ones_like(t)))
 
 
-def imf_loss(model, x, e, labels=None, guidance=1.0, boundary_frac=0.7, r0_frac=0.2, boundary_t="logit-normal"):
+def imf_loss(model, x, e, labels=None, guidance=1.0, boundary_frac=0.7, r0_frac=0.2,
+             boundary_t="logit-normal"):
     """iMF: ||u(z_t, r, t) + (t - r) sg(d/dt u) - v_tgt||^2 with the tangent v_theta = u(z_t, t, t) and
-    v_tgt = e - x; with guidance w != 1 the labelled rows' v_tgt is w (e - x) + (1 - w) sg(u(z_t, t, t | no label))."""
+    v_tgt = e - x; with guidance w != 1, the labelled rows' v_tgt is w (e - x) + (1 - w) sg(v(z_t, t)), v of
+    no label."""
     r, t, nb = sample_r_t(len(x), x.device, boundary_frac, r0_frac, boundary_t)
     tb = t.view(-1, *[1] * (x.dim() - 1))
     z = (1 - tb) * x + tb * e                               # z_t = (1 - t) x + t e
@@ -80,7 +82,8 @@ def imf_loss(model, x, e, labels=None, guidance=1.0, boundary_frac=0.7, r0_frac=
         if labels is not None and guidance != 1:
             null = torch.full_like(labels, model.n_classes)
             keep = (labels != null).view(-1, *tb.shape[1:])
-            target = torch.where(keep, guidance * target + (1 - guidance) * model(z, t, t, labels=null), target)
+            v_null = model(z, t, t, labels=null)
+            target = torch.where(keep, guidance * target + (1 - guidance) * v_null, target)
     V = torch.cat([u[:nb], u[nb:] + (tj - rj).view(-1, *tb.shape[1:]) * dudt])   # the compound prediction
     return ((V - target) ** 2).mean()
 
@@ -96,8 +99,8 @@ def sample(model, e, nfe, labels=None):
 
 # --- model ---
 def embed_inputs(net, times, labels):
-    """Sinusoidal embeddings of the times in [0, 1] at low frequencies (1 to 2 rad: iMF differentiates the
-    network in t, and up to 30 rad made its one-step samples worse), and of the labels (None: "no label")."""
+    """Sinusoidal embeddings of the times at low frequencies (1 to 2 rad: iMF differentiates the network
+    in t, and up to 30 rad made its one-step samples worse), and of the labels (None: "no label")."""
     freqs = torch.exp(torch.linspace(0.0, math.log(2.0), 32, device=times[0].device))
     parts = [torch.cat([(t[:, None] * freqs).sin(), (t[:, None] * freqs).cos()], dim=-1) for t in times]
     if net.n_classes:
@@ -109,18 +112,18 @@ def embed_inputs(net, times, labels):
 class ResMLP(nn.Module):
     """Residual MLP for 2D points: forward(z, *times, labels=None)."""
 
-    def __init__(self, n_times=1, n_classes=0, dim=2, hidden=64, depth=3, emb=64):
+    def __init__(self, n_times=1, n_classes=0, hidden=64, depth=3, emb=64):
         super().__init__()
         self.n_classes = n_classes
         if n_classes:
-            self.label = nn.Embedding(n_classes + 1, emb)   # index n_classes: no label
+            self.label = nn.Embedding(n_classes + 1, emb)   # the last index: no label
         self.cond = nn.Sequential(nn.Linear((n_times + (n_classes > 0)) * emb, hidden), nn.SiLU(),
                                   nn.Linear(hidden, hidden))
-        self.inp = nn.Linear(dim, hidden)
+        self.inp = nn.Linear(2, hidden)
         self.blocks = nn.ModuleList(
             nn.Sequential(nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
             for _ in range(depth))
-        self.out = nn.Sequential(nn.SiLU(), nn.Linear(hidden, dim))
+        self.out = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2))
 
     def forward(self, z, *times, labels=None):
         c = self.cond(embed_inputs(self, times, labels))
@@ -131,15 +134,15 @@ class ResMLP(nn.Module):
 
 
 class SmallUNet(nn.Module):
-    """U-Net for images (C, H, W), forward(z, *times, labels=None): full and half resolution (ch, 2 ch channels),
-    and for H, W multiples of 4 and at least 16 a quarter resolution (4 ch), which sees a whole 28x28 digit."""
+    """U-Net for images (C, H, W): forward(z, *times, labels=None). Full and half resolution (ch, 2 ch
+    channels), and a quarter one (4 ch) if H and W are multiples of 4, at least 16: it sees a whole digit."""
 
     def __init__(self, shape, n_times=1, ch=32, n_classes=0, emb=64):
         super().__init__()
         self.n_classes, self.ch = n_classes, ch
         self.deep = shape[1] % 4 == 0 and shape[2] % 4 == 0 and min(shape[1:]) >= 16
         if n_classes:
-            self.label = nn.Embedding(n_classes + 1, emb)   # index n_classes: no label
+            self.label = nn.Embedding(n_classes + 1, emb)   # the last index: no label
         self.cond = nn.Sequential(nn.Linear((n_times + (n_classes > 0)) * emb, 4 * ch), nn.SiLU(),
                                   nn.Linear(4 * ch, (7 if self.deep else 3) * ch))
         self.in1 = nn.Conv2d(shape[0], ch, 3, padding=1)
@@ -177,20 +180,18 @@ def make_model(shape, n_times, channels=32, n_classes=0):
 
 # --- data ---
 class RunError(Exception):
-    """A problem the user can fix (a file, a device, a download, a diverged loss); main prints it in one line."""
+    """A problem the user can fix (a file, a device, a download, a diverged loss): main prints one line."""
 
 
 TOYS = ["moons", "8gaussians", "checkerboard", "spirals", "circles"]
 N_CLASSES = {"moons": 2, "circles": 2, "spirals": 2, "8gaussians": 8, "digits": 10, "mnist": 10}
-# Each toy's fixed centre and scale (to about zero mean and unit variance), not per-batch statistics.
-TOY_CENTER_SCALE = {"moons": ([0.5, 0.25], [0.87, 0.5]), "8gaussians": ([0.0, 0.0], [1.5, 1.5]),
-                    "checkerboard": ([0.0, 0.0], [1.15, 1.15]), "spirals": ([0.0, 0.0], [1.6, 1.6]),
-                    "circles": ([0.0, 0.0], [0.56, 0.56])}
+TOY_CENTER_SCALE = {"moons": ([0.5, 0.25], [0.87, 0.5]), "8gaussians": ([0, 0], [1.5, 1.5]),
+                    "checkerboard": ([0, 0], [1.15, 1.15]), "spirals": ([0, 0], [1.6, 1.6]),
+                    "circles": ([0, 0], [0.56, 0.56])}      # fixed, to about mean 0 and variance 1
 
 
 def toy_points(name, n, rng):
-    """n points of a 2D toy in its own coordinates, drawn with the numpy Generator rng, and their labels:
-    the moon, circle, spiral arm or Gaussian (checkerboard: none, -1)."""
+    """n points of a 2D toy, drawn with the numpy Generator rng, and their labels (moon, arm, Gaussian...)."""
     from sklearn.datasets import make_circles, make_moons
     if name == "moons":
         return make_moons(n, noise=0.05, random_state=int(rng.integers(2**31)))
@@ -199,15 +200,15 @@ def toy_points(name, n, rng):
     if name == "8gaussians":
         k = rng.integers(8, size=n)
         angles = k * (np.pi / 4)
-        return 2.0 * np.stack([np.cos(angles), np.sin(angles)], 1) + 0.15 * rng.standard_normal((n, 2)), k
+        centers = 2.0 * np.stack([np.cos(angles), np.sin(angles)], 1)
+        return centers + 0.15 * rng.standard_normal((n, 2)), k
     if name == "checkerboard":
         x1 = rng.uniform(-2, 2, n)
         x2 = rng.uniform(0, 1, n) - 2 * rng.integers(2, size=n) + np.floor(x1) % 2
         return np.stack([x1, x2], 1), np.full(n, -1)
-    s = np.sqrt(rng.uniform(0, 1, n)) * 3 * np.pi           # spirals
-    k = rng.integers(2, size=n)
-    sign = np.where(k == 0, 1.0, -1.0)[:, None]
-    return sign * np.stack([-np.cos(s) * s, np.sin(s) * s], 1) / 4 + 0.08 * rng.standard_normal((n, 2)), k
+    s, k = np.sqrt(rng.uniform(0, 1, n)) * 3 * np.pi, rng.integers(2, size=n)   # spirals
+    arms = np.where(k == 0, 1.0, -1.0)[:, None] * np.stack([-np.cos(s) * s, np.sin(s) * s], 1) / 4
+    return arms + 0.08 * rng.standard_normal((n, 2)), k
 
 
 def load_images(name, data_dir):
@@ -222,37 +223,36 @@ def load_images(name, data_dir):
         from torchvision.datasets import MNIST
         train, test = MNIST(data_dir, train=True, download=True), MNIST(data_dir, train=False, download=True)
     except Exception as err:                                # no network, broken files, ...
-        why = " ".join(str(err).split())[:120]            # (torchvision's messages have several lines)
+        why = " ".join(str(err).split())[:120]              # (torchvision's message has several lines)
         raise RunError(f"cannot load MNIST in {data_dir!r} ({type(err).__name__}: {why}); "
                        "--data digits works offline") from None
     return train.data[:, None] / 255, train.targets, test.data[:2000, None] / 255, test.targets[:2000]
 
 
 class Data:
-    """Training batches in model coordinates (toys scaled by fixed constants, images in [-1, 1]); held-out
-    samples and labels in data coordinates, and for toys a second real set for the W2 floor."""
+    """Training batches in model coordinates (toys scaled to about mean 0, variance 1; images in [-1, 1]), and
+    held-out samples, their labels and for toys a second real set (the W2 floor's) in data coordinates."""
 
     def __init__(self, name, data_dir, seed, device, n_eval):
         self.name, self.seed, self.device, self.n_classes = name, seed, device, N_CLASSES.get(name, 0)
         self.rng = np.random.default_rng(seed)
-        if name in TOYS:
-            pool, labels = toy_points(name, 2**16, self.rng)    # batches are drawn from this pool
-            self.center, self.scale = (torch.tensor(v) for v in TOY_CENTER_SCALE[name])
-            self.train = (torch.tensor(pool, dtype=torch.float32) - self.center) / self.scale
-            self.labels = torch.tensor(labels)
+        if name in TOYS:                                    # batches come from a pool of 65,536 points
+            train, labels = toy_points(name, 2**16, self.rng)
             heldout, self.heldout_labels = toy_points(name, n_eval, np.random.default_rng(seed + 1000))
             self.heldout = heldout.astype(np.float32)
             self.floor = toy_points(name, n_eval, np.random.default_rng(seed + 2000))[0].astype(np.float32)
+            center, scale = TOY_CENTER_SCALE[name]
         else:
-            train, self.labels, heldout, heldout_labels = load_images(name, data_dir)
-            self.train = 2 * train - 1
+            train, labels, heldout, heldout_labels = load_images(name, data_dir)
             self.heldout, self.heldout_labels = heldout[:n_eval].numpy(), heldout_labels[:n_eval].numpy()
-        self.shape = tuple(self.train.shape[1:])
-        self.train, self.labels = self.train.to(device), self.labels.long().to(device)
+            center, scale = 0.5, 0.5
+        self.center, self.scale = (torch.tensor(v, dtype=torch.float32) for v in (center, scale))
+        self.train = ((torch.as_tensor(train, dtype=torch.float32) - self.center) / self.scale).to(device)
+        self.labels, self.shape = torch.as_tensor(labels).long().to(device), tuple(self.train.shape[1:])
 
     def batches(self, n, label_drop=None):
-        """Endless training batches (x, e, labels): data, noise e ~ N(0, I), and labels (None unless label_drop
-        is given; then each label becomes "no label" with that probability, for guidance)."""
+        """Endless batches (x, e, labels) on the device: data, noise e ~ N(0, I) and the labels (None unless
+        label_drop, the share of labels replaced by "no label", is given)."""
         while True:
             i = torch.from_numpy(self.rng.integers(len(self.train), size=n)).to(self.device)
             x, y = self.train[i], self.labels[i]
@@ -263,10 +263,8 @@ class Data:
 
     def to_data(self, x):
         """Model coordinates -> data coordinates (toy units, images in [0, 1]), as a numpy array."""
-        x = x.detach().float().cpu()
-        if self.shape == (2,):
-            return (x * self.scale + self.center).numpy()
-        return ((x + 1) / 2).clamp(0, 1).numpy()
+        x = x.detach().float().cpu() * self.scale + self.center
+        return (x if self.shape == (2,) else x.clamp(0, 1)).numpy()
 
 
 # --- training ---
@@ -281,38 +279,30 @@ def pick_device(name):
 
 
 def save_checkpoint(path, state):
-    """Write atomically (a temporary file, then os.replace): a crash never leaves a half-written file."""
+    """Write atomically, to a temporary file and then os.replace: never a half-written file."""
     torch.save(state, f"{path}.{os.getpid()}.tmp")
     os.replace(f"{path}.{os.getpid()}.tmp", path)
 
 
 def load_saved(path, config):
-    """The dict saved at path (None if there is no file) and the settings where its config and this one
-    differ ("" if none); RunError if the file cannot be read."""
+    """The dict saved at path (None if there is none) and the settings where its config and this differ."""
     if not os.path.exists(path):
         return None, ""
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
         old = saved["config"]
     except Exception as err:
-        raise RunError(f"cannot read {path} ({type(err).__name__}); delete it or choose another --out") from None
-    return saved, ", ".join(f"{k}: {old.get(k)} there, {config.get(k)} here" for k in {**old, **config}
-                            if old.get(k) != config.get(k))
+        raise RunError(f"cannot read {path} ({type(err).__name__}): delete it or use another --out") from None
+    keys = [k for k in {**old, **config} if old.get(k) != config.get(k)]
+    return saved, ", ".join(f"{k}: {old.get(k)} there, {config.get(k)} here" for k in keys)
 
 
-def lr_at(step, lr, total):
-    """Linear warm-up, then cosine decay from lr to lr / 20 at step `total`."""
-    warmup = min(200, total // 10 + 1)
-    return lr * min(1.0, (step + 1) / warmup) * (0.05 + 0.475 * (1 + math.cos(math.pi * step / total)))
-
-
-def train(model, loss_fn, batches, steps, lr, path, config, ckpt=None, ckpt_every=2000, desc="train"):
-    """Adam on loss_fn(model, x, e, labels) over the batches, lr by lr_at, and an EMA of the weights to sample
-    from (decay 0.999, capped by (1 + s) / (10 + s) at step s); ckpt: a saved state to continue. Saves to path
-    every ckpt_every steps, at the end and on Ctrl-C. Returns the EMA model and an info dict."""
+def train(model, loss_fn, batches, steps, lr, path, config, ckpt=None, ckpt_every=2000, desc=None):
+    """Adam on loss_fn(model, x, e, labels) with warm-up and cosine lr, and an EMA of the weights to sample
+    from. Continues from ckpt if given; saves to path every ckpt_every steps, at the end and on Ctrl-C."""
     opt = torch.optim.Adam(model.parameters(), lr=lr, foreach=True)
     ema = copy.deepcopy(model).requires_grad_(False)
-    losses, interrupted = [], False                         # losses: one per step done
+    losses, interrupted = [], False                         # one loss per step done
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
@@ -320,22 +310,24 @@ def train(model, loss_fn, batches, steps, lr, path, config, ckpt=None, ckpt_ever
         losses = ckpt["losses"]
 
     def save():
-        save_checkpoint(path, {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-                               "step": len(losses), "config": config, "losses": losses})
+        save_checkpoint(path, {"model": model.state_dict(), "ema": ema.state_dict(), "step": len(losses),
+                               "optimizer": opt.state_dict(), "config": config, "losses": losses})
 
-    start, t0 = len(losses), time.perf_counter()
+    t0 = time.perf_counter()
     try:
-        for step in tqdm(range(start, steps), desc, initial=start, total=steps, mininterval=1.0):
+        for step in tqdm(range(len(losses), steps), desc, total=steps, initial=len(losses), mininterval=1):
             x, e, labels = next(batches)
             loss = loss_fn(model, x, e, labels)
-            if not math.isfinite(loss.item()):              # (nothing non-finite gets saved)
+            if not math.isfinite(loss.item()):              # stop before it reaches the weights
                 raise RunError(f"the loss became non-finite at step {step + 1}; try a lower --lr")
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            warmup = min(1.0, (step + 1) / min(200, steps // 10 + 1))
+            decay = 0.05 + 0.475 * (1 + math.cos(math.pi * step / steps))      # cosine from lr to lr / 20
             for group in opt.param_groups:
-                group["lr"] = lr_at(step, lr, steps)
+                group["lr"] = lr * warmup * decay
             opt.step()
-            with torch.no_grad():
+            with torch.no_grad():                           # EMA 0.999, capped by (1 + s) / (10 + s) early on
                 for p_ema, p in zip(ema.parameters(), model.parameters()):
                     p_ema.lerp_(p, 1 - min(0.999, (1 + step) / (10 + step)))
             losses.append(loss.item())
@@ -344,21 +336,18 @@ def train(model, loss_fn, batches, steps, lr, path, config, ckpt=None, ckpt_ever
     except KeyboardInterrupt:
         interrupted = True
         save()
-        print(f"\n[{desc}] interrupted at step {len(losses)}: saved {path} (--resume continues it)")
-    seconds = time.perf_counter() - t0
-    if len(losses) > start:
-        print(f"[{desc}] {len(losses) - start} steps in {seconds:.1f} s")
-    return ema, {"steps": len(losses), "train_seconds": round(seconds, 2), "losses": losses, "interrupted": interrupted}
+        print(f"\ninterrupted at step {len(losses)}: saved {path} (--resume continues it)")
+    seconds = round(time.perf_counter() - t0, 2)
+    return ema, {"steps": len(losses), "train_seconds": seconds, "interrupted": interrupted, "losses": losses}
 
 
 # --- evaluation ---
 def w2_distance(a, b):
-    """Exact 2-Wasserstein distance between two equal-size point sets: the optimal matching on squared
-    distances (scipy's linear_sum_assignment), then the square root of its mean."""
+    """Exact 2-Wasserstein distance of two equal-size point sets, by an optimal matching."""
     from scipy.optimize import linear_sum_assignment
     a = torch.as_tensor(a, dtype=torch.float64).reshape(len(a), -1)
     b = torch.as_tensor(b, dtype=torch.float64).reshape(len(b), -1)
-    if a.var(0).sum() < b.var(0).sum():     # the same optimum, found faster with the wider set as rows
+    if a.var(0).sum() < b.var(0).sum():                     # the same optimum, found faster
         a, b = b, a
     cost = (torch.cdist(a, b) ** 2).numpy()
     rows, cols = linear_sum_assignment(cost)
@@ -366,9 +355,8 @@ def w2_distance(a, b):
 
 
 def eval_noise(data, seed, device):
-    """Noise for the evaluation samples: N(0, I), but for moons and circles, whose real sets sklearn splits
-    exactly between two curves (i.i.d. noise sends ~1/(2 sqrt(n)) more to one, which W2 charges as transport),
-    scrambled Sobol points through the normal inverse CDF."""
+    """Noise for the evaluation samples: N(0, I), but quasi-random (scrambled Sobol points) for moons and
+    circles, whose real sets split exactly between two curves, as i.i.d. noise would not (W2 counts that)."""
     n = len(data.heldout)
     if data.name not in ("moons", "circles"):
         return torch.randn(n, *data.shape, generator=torch.Generator().manual_seed(seed)).to(device)
@@ -377,7 +365,7 @@ def eval_noise(data, seed, device):
 
 
 def report_w2(samples, data):
-    """Print and return each sampler's W2 to the held-out set, and the floor: the W2 between two real sets."""
+    """Print and return each sampler's W2 to the held-out set, and the floor: the W2 of two real sets."""
     floor = w2_distance(data.floor, data.heldout)
     metrics = {"w2_floor": round(floor, 5)}
     for key, x in samples.items():
@@ -388,51 +376,54 @@ def report_w2(samples, data):
 
 
 def save_results(out, samples, data, metrics, labels=None):
-    """samples.npz: each sampler's samples, the held-out `real` set (toys: and the `floor` set), the `labels`
-    a conditional run asked for, and the `data` name and `seed` for evaluate.py; metrics.json."""
-    extra = ({"floor": data.floor} if data.shape == (2,) else {}) | ({} if labels is None else {"labels": labels})
-    np.savez(os.path.join(out, "samples.npz"), real=data.heldout, data=data.name, seed=data.seed, **samples, **extra)
+    """samples.npz (the samples, `real`, toys' `floor` set, the `labels` asked for, and for evaluate.py the
+    `data` name and `seed`) and metrics.json."""
+    extra = {"floor": data.floor} if data.shape == (2,) else {}
+    extra.update({} if labels is None else {"labels": labels})
+    np.savez(os.path.join(out, "samples.npz"), **samples, **extra, real=data.heldout, data=data.name,
+             seed=data.seed)
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
 
 
 def image_grid(x, labels=None, n=8):
-    """Images (N, C, H, W) in [0, 1] as one (H', W', 3) array: n x n of them, or a row of n per class."""
+    """Images (N, C, H, W) as one (H', W', 3) array: n x n of them, or a row of n per class asked for."""
     from torchvision.utils import make_grid
     x = torch.as_tensor(x)
     if labels is None:
         x = x[:n * n]
-    else:                                           # row k: the first n samples of class k, grey if fewer
+    else:                                                   # grey where a class has fewer than n
         blank = torch.full((n, *x.shape[1:]), 0.5)
         x = torch.cat([torch.cat([x[labels == k][:n], blank])[:n] for k in range(labels.max() + 1)])
     return make_grid(x, nrow=n, padding=1, pad_value=0.5).permute(1, 2, 0).numpy()
 
 
 def plot_panels(path, title, data, panels, losses, metrics, labels=None):
-    """Save a figure of the panels (name, array), the first the real data: 2D points (coloured by the labels
-    asked for), 2D paths (N, K, 2) from t = 1 to 0 or an image grid; then the losses {name: list}."""
+    """Save a figure: a panel per (name, array), the first the real data, then the losses {name: list}.
+    2D points are coloured by the labels asked for; (N, K, 2) arrays are paths from t = 1 to t = 0."""
     import matplotlib.pyplot as plt
     from matplotlib.collections import LineCollection
     fig, axes = plt.subplots(1, len(panels) + 1, figsize=(3.2 * (len(panels) + 1), 3.4))
     for i, (ax, (name, x)) in enumerate(zip(axes, panels)):
         ratio = metrics.get(f"w2_ratio_{name}")
         ax.set_title(name + (f": W2 {ratio:.2f}x floor" if ratio else ""), fontsize=9)
-        if x.ndim == 3:                             # paths from the noise (green) to the samples (black)
+        if x.ndim == 3:                                     # paths: noise (green) to sample (black)
             ax.add_collection(LineCollection(x, colors="gray", lw=0.4, alpha=0.5))
             ax.scatter(*x[:, 0].T, s=2, color="C2")
             ax.scatter(*x[:, -1].T, s=2, color="k")
         elif x.ndim == 2:
-            ax.scatter(*x.T, s=2, alpha=0.4, c=[f"C{k % 10}" for k in labels] if labels is not None
-                       else "C0" if i == 0 else "C1")
+            colors = "C0" if i == 0 else "C1" if labels is None else [f"C{k % 10}" for k in labels]
+            ax.scatter(*x.T, s=2, alpha=0.4, c=colors)
             ax.set(xlim=axes[0].get_xlim(), ylim=axes[0].get_ylim())
         else:
             ax.imshow(image_grid(x, labels))
             ax.axis("off")
     start = 0
-    for name, curve in losses.items():              # one stage after another
+    for name, curve in losses.items():                      # one stage after another
         axes[-1].plot(range(start, start + len(curve)), curve, lw=0.5, label=name)
         start += len(curve)
-    axes[-1].set(yscale="log", title="training loss")
+    axes[-1].set_yscale("log")
+    axes[-1].set_title("training loss", fontsize=9)
     axes[-1].legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -442,7 +433,8 @@ def plot_panels(path, title, data, panels, losses, metrics, labels=None):
 
 # --- config ---
 SCRIPT = os.path.splitext(os.path.basename(__file__))[0]
-DEFAULTS = {"toys": {"steps": 3600, "batch_size": 512, "lr": 5e-3, "channels": 32, "boundary_t": "logit-normal"},
+DEFAULTS = {"toys": {"steps": 3600, "batch_size": 512, "lr": 5e-3, "channels": 32,
+                     "boundary_t": "logit-normal"},
             "digits": {"steps": 4000, "batch_size": 128, "lr": 2e-3, "channels": 16, "boundary_t": "max"},
             "mnist": {"steps": 20000, "batch_size": 128, "lr": 1e-3, "channels": 32, "boundary_t": "max"}}
 POSITIVE = ["steps", "batch_size", "lr", "channels", "ckpt_every", "n_eval", "guidance"]
@@ -458,9 +450,11 @@ def get_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", default="moons", choices=TOYS + ["digits", "mnist"], help="dataset")
     p.add_argument("--data-dir", default="data", help="where MNIST is stored or downloaded to")
-    p.add_argument("--steps", type=int, default=argparse.SUPPRESS, help=f"training steps ({per_data('steps')})")
-    p.add_argument("--batch-size", type=int, default=argparse.SUPPRESS, help=f"batch size ({per_data('batch_size')})")
-    p.add_argument("--lr", type=float, default=argparse.SUPPRESS, help=f"Adam's learning rate ({per_data('lr')})")
+    p.add_argument("--steps", type=int, default=argparse.SUPPRESS,
+                   help=f"training steps ({per_data('steps')})")
+    p.add_argument("--batch-size", type=int, default=argparse.SUPPRESS,
+                   help=f"batch size ({per_data('batch_size')})")
+    p.add_argument("--lr", type=float, default=argparse.SUPPRESS, help=f"learning rate ({per_data('lr')})")
     p.add_argument("--channels", type=int, default=argparse.SUPPRESS,
                    help=f"base channels of the image U-Net ({per_data('channels')})")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="device")
@@ -469,14 +463,15 @@ def get_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.add_argument("--ckpt-every", type=int, default=2000, help="checkpoint interval in steps")
     p.add_argument("--n-eval", type=int, default=2000, help="samples to evaluate (at most the held-out set)")
-    p.add_argument("--cond", action="store_true", help=f"class-conditional model ({', '.join(N_CLASSES)})")
-    p.add_argument("--label-drop", type=float, default=0.1, help="with --cond: share of training labels dropped")
-    p.add_argument("--guidance", type=float, default=1.0, help="with --cond: classifier-free guidance weight W, "
-                   "v(no label) + W (v(label) - v(no label)), 1: none; trained into the target, one step stays one evaluation")
+    p.add_argument("--cond", action="store_true", help=f"class-conditional ({', '.join(N_CLASSES)})")
+    p.add_argument("--label-drop", type=float, default=0.1, help="with --cond: share of labels dropped")
+    p.add_argument("--guidance", type=float, default=1.0, help="with --cond: classifier-free guidance weight "
+                   "(1: none), in the training target: one step stays one evaluation")
     p.add_argument("--boundary-frac", type=float, default=0.7, help="share of each batch with r = t")
     p.add_argument("--r0-frac", type=float, default=0.2, help="share with r = 0, the one-step corner's slice")
     p.add_argument("--boundary-t", default=argparse.SUPPRESS, choices=["logit-normal", "max"],
-                   help=f"t of the r = t rows: logit-normal(-0.4, 1) or the larger of two uniforms ({per_data('boundary_t')})")
+                   help=f"t of the r = t rows: logit-normal(-0.4, 1) or the larger of two uniforms "
+                        f"({per_data('boundary_t')})")
     args = p.parse_args(argv)
     for key, value in DEFAULTS["toys" if args.data in TOYS else args.data].items():
         vars(args).setdefault(key, value)
@@ -491,7 +486,7 @@ def get_args(argv=None):
     if args.cond and args.data not in N_CLASSES:
         p.error(f"--cond needs data with labels ({', '.join(N_CLASSES)})")
     if args.guidance != 1 and not (args.cond and args.label_drop > 0):
-        p.error("--guidance needs --cond and --label-drop > 0 (guidance uses the model without a label)")
+        p.error("--guidance needs --cond and --label-drop > 0 (it uses the model without a label)")
     args.argv = sys.argv[1:] if argv is None else list(argv)
     if args.boundary_frac + args.r0_frac > 1:
         p.error("--boundary-frac + --r0-frac must be at most 1")
@@ -506,18 +501,18 @@ def run(args):
     data = Data(args.data, args.data_dir, args.seed, device, args.n_eval)
     n_classes = data.n_classes if args.cond else 0
     model = make_model(data.shape, 2, args.channels, n_classes).to(device)     # u_theta(z, r, t)
-    config = {"script": SCRIPT, **{k: vars(args)[k] for k in ["data", "channels", "cond", "label_drop", "guidance",
-                                                              "boundary_frac", "r0_frac", "boundary_t"]}}
+    imf = {k: vars(args)[k] for k in ["guidance", "boundary_frac", "r0_frac", "boundary_t"]}
+    config = {"script": SCRIPT, **{k: vars(args)[k] for k in ["data", "channels", "cond", "label_drop"]},
+              **imf}
     path = os.path.join(args.out, "checkpoint.pt")
     ckpt, diff = load_saved(path, config) if args.resume else (None, "")
     if diff:
-        raise RunError(f"{path} was made with other settings ({diff}); drop --resume or choose another --out")
-    loss_fn = functools.partial(imf_loss, guidance=args.guidance, boundary_frac=args.boundary_frac,
-                                r0_frac=args.r0_frac, boundary_t=args.boundary_t)
+        raise RunError(f"{path} was made with other settings ({diff}): drop --resume or use another --out")
+    loss_fn = functools.partial(imf_loss, **imf)
     batches = data.batches(args.batch_size, args.label_drop if args.cond else None)
-    ema, info = train(model, loss_fn, batches, args.steps, args.lr, path, config, ckpt, args.ckpt_every, SCRIPT)
+    ema, info = train(model, loss_fn, batches, args.steps, args.lr, path, config, ckpt, args.ckpt_every)
 
-    # one and two steps from the same noise, asking for the held-out set's labels
+    # one and two steps from the same noise, for the held-out set's labels
     e = eval_noise(data, args.seed + 3000, device)
     labels = data.heldout_labels if args.cond else None
     y = None if labels is None else torch.as_tensor(labels, device=device)
@@ -529,9 +524,10 @@ def run(args):
     save_results(args.out, samples, data, metrics, labels)
     panels = [("real (held-out)", data.heldout), *samples.items()]
     if data.shape == (2,):
-        panels.append(("one step: e -> e - u(e, 0, 1)", np.stack([data.to_data(e[:300]), samples["nfe1"][:300]], 1)))
-    plot_panels(os.path.join(args.out, "results.png"), f"improved MeanFlow on {args.data}"
-                f"{f', guidance {args.guidance:g}' if y is not None else ''}, {info['steps']} steps", data, panels,
+        arrows = np.stack([data.to_data(e), samples["nfe1"]], 1)[:300]
+        panels.append(("one step: e -> e - u(e, 0, 1)", arrows))
+    title = f"improved MeanFlow on {args.data}" + (f", guidance {args.guidance:g}" if y is not None else "")
+    plot_panels(os.path.join(args.out, "results.png"), f"{title}, {info['steps']} steps", data, panels,
                 {"iMF": info["losses"]}, metrics, labels)
     print(f"wrote {args.out}: results.png, samples.npz, metrics.json, checkpoint.pt")
     if data.shape != (2,):

@@ -7,11 +7,11 @@ et al., ICLR 2023), with the collection's time convention: data x at t = 0, nois
   coupling   draw e, integrate dz/dt = v(z, t) = u(z, t, t) from t = 1 to 0 with dopri5: x_hat = ODE(e)
   stage 2    iMF on the straight lines between the pairs (x_hat, e), from the teacher's weights:
              z_r = z_t - (t - r) u(z_t, r, t), u(z, t, t) = v(z, t), v(z_t, t) = u + (t - r) d/dt u, with
-             d/dt u = du/dz . v_theta + du/dt by one JVP with tangent (v_theta, 0, 1), v_theta = u_theta(z_t, t, t);
+             d/dt u = du/dz . v_theta + du/dt by one JVP with tangent (v_theta, 0, 1), v_theta = u(z_t, t, t);
              loss || u_theta(z_t, r, t) + (t - r) sg(d/dt u) - (e - x_hat) ||^2
   one step   x = e - u_theta(e, r = 0, t = 1); stage 2 lands near its teacher's ODE
-  guidance   --cond --guidance W: the pairs come per label from the teacher's guided ODE (the fm teacher guided
-             at sampling, the iMF teacher with W in its target); stage 2 samples without guidance
+  guidance   --cond --guidance W: the pairs come per label from the teacher's guided ODE (the fm teacher
+             guided at sampling, the iMF teacher with W in its target); stage 2 samples without guidance
 Departures from the papers (measured: RESULTS.md): the default teacher is flow matching, not iMF (half the
 cost per step, and a better stage 2); iMF's (r, t) sampler of imf.py, with the boundary t the larger of two
 uniforms (--boundary-t max), which did better on the pairs; small networks, a low-frequency time embedding.
@@ -40,8 +40,8 @@ from tqdm import tqdm
 
 # --- method ---
 def velocity(model, z, t, labels=None, w=1.0):
-    """The instantaneous velocity v(z, t) = u_theta(z, t, t); with labels and w != 1, classifier-free guidance
-    v(no label) + w (v(label) - v(no label)), two network evaluations made as one batched call."""
+    """The instantaneous velocity v(z, t) = u_theta(z, t, t), or with labels and w != 1 classifier-free
+    guidance, v(no label) + w (v(label) - v(no label)): two network evaluations, in one batched call."""
     if labels is None or w == 1:
         return model(z, t, t, labels=labels)
     null = torch.full_like(labels, model.n_classes)
@@ -78,9 +78,11 @@ def meanflow_jvp(model, z, r, t, v, labels=None):
         return torch.func.jvp(f, (weights, z, r, t), (zeros, v, torch.zeros_like(r), torch.ones_like(t)))
 
 
-def imf_loss(model, x, e, labels=None, guidance=1.0, boundary_frac=0.7, r0_frac=0.2, boundary_t="max"):
+def imf_loss(model, x, e, labels=None, guidance=1.0, boundary_frac=0.7, r0_frac=0.2,
+             boundary_t="max"):
     """iMF: ||u(z_t, r, t) + (t - r) sg(d/dt u) - v_tgt||^2 with the tangent v_theta = u(z_t, t, t) and
-    v_tgt = e - x; with guidance w != 1 the labelled rows' v_tgt is w (e - x) + (1 - w) sg(u(z_t, t, t | no label))."""
+    v_tgt = e - x; with guidance w != 1, the labelled rows' v_tgt is w (e - x) + (1 - w) sg(v(z_t, t)), v of
+    no label."""
     r, t, nb = sample_r_t(len(x), x.device, boundary_frac, r0_frac, boundary_t)
     tb = t.view(-1, *[1] * (x.dim() - 1))
     z = (1 - tb) * x + tb * e                               # z_t = (1 - t) x + t e
@@ -94,7 +96,8 @@ def imf_loss(model, x, e, labels=None, guidance=1.0, boundary_frac=0.7, r0_frac=
         if labels is not None and guidance != 1:
             null = torch.full_like(labels, model.n_classes)
             keep = (labels != null).view(-1, *tb.shape[1:])
-            target = torch.where(keep, guidance * target + (1 - guidance) * model(z, t, t, labels=null), target)
+            v_null = model(z, t, t, labels=null)
+            target = torch.where(keep, guidance * target + (1 - guidance) * v_null, target)
     V = torch.cat([u[:nb], u[nb:] + (tj - rj).view(-1, *tb.shape[1:]) * dudt])   # the compound prediction
     return ((V - target) ** 2).mean()
 
@@ -109,7 +112,7 @@ def sample(model, e, nfe, labels=None):
 
 
 def fm_loss(model, x, e, labels=None):
-    """The flow-matching teacher (--teacher fm): only the boundary u(z_t, t, t) = v(z_t, t) is trained, no JVP."""
+    """The flow-matching teacher (--teacher fm): only the boundary u(z_t, t, t) = v(z_t, t) is trained."""
     t = torch.rand(len(x), device=x.device)
     tb = t.view(-1, *[1] * (x.dim() - 1))
     z = (1 - tb) * x + tb * e
@@ -143,8 +146,8 @@ def ode_generate(model, e, tol=1e-5, labels=None, w=1.0, n_grid=1):
 
 @torch.no_grad()
 def straightness(model, path, labels=None, w=1.0):
-    """From an ODE path z(t_i), t_i = 1 ... 0: S = E int_0^1 ||(z_1 - z_0) - v(z_t, t)||^2 dt (a Riemann sum; 0
-    for straight paths) and the transport cost C = E ||z_0 - z_1||^2, with z_1 = e and z_0 = x_hat."""
+    """From an ODE path z(t_i), t_i = 1 ... 0, its straightness S = E int_0^1 ||(z_1 - z_0) - v(z_t, t)||^2 dt
+    (a Riemann sum; 0 for straight paths) and transport cost C = E ||z_0 - z_1||^2 (z_1 = e, z_0 = x_hat)."""
     ts = torch.linspace(1.0, 0.0, len(path), device=path.device)
     line = path[0] - path[-1]
     S = torch.stack([((line - velocity(model, z, t.expand(len(z)), labels, w)) ** 2).flatten(1).sum(1)
@@ -178,8 +181,8 @@ def pair_batches(x_hat, e, labels, n, seed):
 
 # --- model ---
 def embed_inputs(net, times, labels):
-    """Sinusoidal embeddings of the times in [0, 1] at low frequencies (1 to 2 rad: iMF differentiates the
-    network in t, and up to 30 rad made its one-step samples worse), and of the labels (None: "no label")."""
+    """Sinusoidal embeddings of the times at low frequencies (1 to 2 rad: iMF differentiates the network
+    in t, and up to 30 rad made its one-step samples worse), and of the labels (None: "no label")."""
     freqs = torch.exp(torch.linspace(0.0, math.log(2.0), 32, device=times[0].device))
     parts = [torch.cat([(t[:, None] * freqs).sin(), (t[:, None] * freqs).cos()], dim=-1) for t in times]
     if net.n_classes:
@@ -191,18 +194,18 @@ def embed_inputs(net, times, labels):
 class ResMLP(nn.Module):
     """Residual MLP for 2D points: forward(z, *times, labels=None)."""
 
-    def __init__(self, n_times=1, n_classes=0, dim=2, hidden=64, depth=3, emb=64):
+    def __init__(self, n_times=1, n_classes=0, hidden=64, depth=3, emb=64):
         super().__init__()
         self.n_classes = n_classes
         if n_classes:
-            self.label = nn.Embedding(n_classes + 1, emb)   # index n_classes: no label
+            self.label = nn.Embedding(n_classes + 1, emb)   # the last index: no label
         self.cond = nn.Sequential(nn.Linear((n_times + (n_classes > 0)) * emb, hidden), nn.SiLU(),
                                   nn.Linear(hidden, hidden))
-        self.inp = nn.Linear(dim, hidden)
+        self.inp = nn.Linear(2, hidden)
         self.blocks = nn.ModuleList(
             nn.Sequential(nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
             for _ in range(depth))
-        self.out = nn.Sequential(nn.SiLU(), nn.Linear(hidden, dim))
+        self.out = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2))
 
     def forward(self, z, *times, labels=None):
         c = self.cond(embed_inputs(self, times, labels))
@@ -213,15 +216,15 @@ class ResMLP(nn.Module):
 
 
 class SmallUNet(nn.Module):
-    """U-Net for images (C, H, W), forward(z, *times, labels=None): full and half resolution (ch, 2 ch channels),
-    and for H, W multiples of 4 and at least 16 a quarter resolution (4 ch), which sees a whole 28x28 digit."""
+    """U-Net for images (C, H, W): forward(z, *times, labels=None). Full and half resolution (ch, 2 ch
+    channels), and a quarter one (4 ch) if H and W are multiples of 4, at least 16: it sees a whole digit."""
 
     def __init__(self, shape, n_times=1, ch=32, n_classes=0, emb=64):
         super().__init__()
         self.n_classes, self.ch = n_classes, ch
         self.deep = shape[1] % 4 == 0 and shape[2] % 4 == 0 and min(shape[1:]) >= 16
         if n_classes:
-            self.label = nn.Embedding(n_classes + 1, emb)   # index n_classes: no label
+            self.label = nn.Embedding(n_classes + 1, emb)   # the last index: no label
         self.cond = nn.Sequential(nn.Linear((n_times + (n_classes > 0)) * emb, 4 * ch), nn.SiLU(),
                                   nn.Linear(4 * ch, (7 if self.deep else 3) * ch))
         self.in1 = nn.Conv2d(shape[0], ch, 3, padding=1)
@@ -259,20 +262,18 @@ def make_model(shape, n_times, channels=32, n_classes=0):
 
 # --- data ---
 class RunError(Exception):
-    """A problem the user can fix (a file, a device, a download, a diverged loss); main prints it in one line."""
+    """A problem the user can fix (a file, a device, a download, a diverged loss): main prints one line."""
 
 
 TOYS = ["moons", "8gaussians", "checkerboard", "spirals", "circles"]
 N_CLASSES = {"moons": 2, "circles": 2, "spirals": 2, "8gaussians": 8, "digits": 10, "mnist": 10}
-# Each toy's fixed centre and scale (to about zero mean and unit variance), not per-batch statistics.
-TOY_CENTER_SCALE = {"moons": ([0.5, 0.25], [0.87, 0.5]), "8gaussians": ([0.0, 0.0], [1.5, 1.5]),
-                    "checkerboard": ([0.0, 0.0], [1.15, 1.15]), "spirals": ([0.0, 0.0], [1.6, 1.6]),
-                    "circles": ([0.0, 0.0], [0.56, 0.56])}
+TOY_CENTER_SCALE = {"moons": ([0.5, 0.25], [0.87, 0.5]), "8gaussians": ([0, 0], [1.5, 1.5]),
+                    "checkerboard": ([0, 0], [1.15, 1.15]), "spirals": ([0, 0], [1.6, 1.6]),
+                    "circles": ([0, 0], [0.56, 0.56])}      # fixed, to about mean 0 and variance 1
 
 
 def toy_points(name, n, rng):
-    """n points of a 2D toy in its own coordinates, drawn with the numpy Generator rng, and their labels:
-    the moon, circle, spiral arm or Gaussian (checkerboard: none, -1)."""
+    """n points of a 2D toy, drawn with the numpy Generator rng, and their labels (moon, arm, Gaussian...)."""
     from sklearn.datasets import make_circles, make_moons
     if name == "moons":
         return make_moons(n, noise=0.05, random_state=int(rng.integers(2**31)))
@@ -281,15 +282,15 @@ def toy_points(name, n, rng):
     if name == "8gaussians":
         k = rng.integers(8, size=n)
         angles = k * (np.pi / 4)
-        return 2.0 * np.stack([np.cos(angles), np.sin(angles)], 1) + 0.15 * rng.standard_normal((n, 2)), k
+        centers = 2.0 * np.stack([np.cos(angles), np.sin(angles)], 1)
+        return centers + 0.15 * rng.standard_normal((n, 2)), k
     if name == "checkerboard":
         x1 = rng.uniform(-2, 2, n)
         x2 = rng.uniform(0, 1, n) - 2 * rng.integers(2, size=n) + np.floor(x1) % 2
         return np.stack([x1, x2], 1), np.full(n, -1)
-    s = np.sqrt(rng.uniform(0, 1, n)) * 3 * np.pi           # spirals
-    k = rng.integers(2, size=n)
-    sign = np.where(k == 0, 1.0, -1.0)[:, None]
-    return sign * np.stack([-np.cos(s) * s, np.sin(s) * s], 1) / 4 + 0.08 * rng.standard_normal((n, 2)), k
+    s, k = np.sqrt(rng.uniform(0, 1, n)) * 3 * np.pi, rng.integers(2, size=n)   # spirals
+    arms = np.where(k == 0, 1.0, -1.0)[:, None] * np.stack([-np.cos(s) * s, np.sin(s) * s], 1) / 4
+    return arms + 0.08 * rng.standard_normal((n, 2)), k
 
 
 def load_images(name, data_dir):
@@ -304,37 +305,36 @@ def load_images(name, data_dir):
         from torchvision.datasets import MNIST
         train, test = MNIST(data_dir, train=True, download=True), MNIST(data_dir, train=False, download=True)
     except Exception as err:                                # no network, broken files, ...
-        why = " ".join(str(err).split())[:120]            # (torchvision's messages have several lines)
+        why = " ".join(str(err).split())[:120]              # (torchvision's message has several lines)
         raise RunError(f"cannot load MNIST in {data_dir!r} ({type(err).__name__}: {why}); "
                        "--data digits works offline") from None
     return train.data[:, None] / 255, train.targets, test.data[:2000, None] / 255, test.targets[:2000]
 
 
 class Data:
-    """Training batches in model coordinates (toys scaled by fixed constants, images in [-1, 1]); held-out
-    samples and labels in data coordinates, and for toys a second real set for the W2 floor."""
+    """Training batches in model coordinates (toys scaled to about mean 0, variance 1; images in [-1, 1]), and
+    held-out samples, their labels and for toys a second real set (the W2 floor's) in data coordinates."""
 
     def __init__(self, name, data_dir, seed, device, n_eval):
         self.name, self.seed, self.device, self.n_classes = name, seed, device, N_CLASSES.get(name, 0)
         self.rng = np.random.default_rng(seed)
-        if name in TOYS:
-            pool, labels = toy_points(name, 2**16, self.rng)    # batches are drawn from this pool
-            self.center, self.scale = (torch.tensor(v) for v in TOY_CENTER_SCALE[name])
-            self.train = (torch.tensor(pool, dtype=torch.float32) - self.center) / self.scale
-            self.labels = torch.tensor(labels)
+        if name in TOYS:                                    # batches come from a pool of 65,536 points
+            train, labels = toy_points(name, 2**16, self.rng)
             heldout, self.heldout_labels = toy_points(name, n_eval, np.random.default_rng(seed + 1000))
             self.heldout = heldout.astype(np.float32)
             self.floor = toy_points(name, n_eval, np.random.default_rng(seed + 2000))[0].astype(np.float32)
+            center, scale = TOY_CENTER_SCALE[name]
         else:
-            train, self.labels, heldout, heldout_labels = load_images(name, data_dir)
-            self.train = 2 * train - 1
+            train, labels, heldout, heldout_labels = load_images(name, data_dir)
             self.heldout, self.heldout_labels = heldout[:n_eval].numpy(), heldout_labels[:n_eval].numpy()
-        self.shape = tuple(self.train.shape[1:])
-        self.train, self.labels = self.train.to(device), self.labels.long().to(device)
+            center, scale = 0.5, 0.5
+        self.center, self.scale = (torch.tensor(v, dtype=torch.float32) for v in (center, scale))
+        self.train = ((torch.as_tensor(train, dtype=torch.float32) - self.center) / self.scale).to(device)
+        self.labels, self.shape = torch.as_tensor(labels).long().to(device), tuple(self.train.shape[1:])
 
     def batches(self, n, label_drop=None):
-        """Endless training batches (x, e, labels): data, noise e ~ N(0, I), and labels (None unless label_drop
-        is given; then each label becomes "no label" with that probability, for guidance)."""
+        """Endless batches (x, e, labels) on the device: data, noise e ~ N(0, I) and the labels (None unless
+        label_drop, the share of labels replaced by "no label", is given)."""
         while True:
             i = torch.from_numpy(self.rng.integers(len(self.train), size=n)).to(self.device)
             x, y = self.train[i], self.labels[i]
@@ -345,10 +345,8 @@ class Data:
 
     def to_data(self, x):
         """Model coordinates -> data coordinates (toy units, images in [0, 1]), as a numpy array."""
-        x = x.detach().float().cpu()
-        if self.shape == (2,):
-            return (x * self.scale + self.center).numpy()
-        return ((x + 1) / 2).clamp(0, 1).numpy()
+        x = x.detach().float().cpu() * self.scale + self.center
+        return (x if self.shape == (2,) else x.clamp(0, 1)).numpy()
 
 
 # --- training ---
@@ -363,38 +361,30 @@ def pick_device(name):
 
 
 def save_checkpoint(path, state):
-    """Write atomically (a temporary file, then os.replace): a crash never leaves a half-written file."""
+    """Write atomically, to a temporary file and then os.replace: never a half-written file."""
     torch.save(state, f"{path}.{os.getpid()}.tmp")
     os.replace(f"{path}.{os.getpid()}.tmp", path)
 
 
 def load_saved(path, config):
-    """The dict saved at path (None if there is no file) and the settings where its config and this one
-    differ ("" if none); RunError if the file cannot be read."""
+    """The dict saved at path (None if there is none) and the settings where its config and this differ."""
     if not os.path.exists(path):
         return None, ""
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
         old = saved["config"]
     except Exception as err:
-        raise RunError(f"cannot read {path} ({type(err).__name__}); delete it or choose another --out") from None
-    return saved, ", ".join(f"{k}: {old.get(k)} there, {config.get(k)} here" for k in {**old, **config}
-                            if old.get(k) != config.get(k))
+        raise RunError(f"cannot read {path} ({type(err).__name__}): delete it or use another --out") from None
+    keys = [k for k in {**old, **config} if old.get(k) != config.get(k)]
+    return saved, ", ".join(f"{k}: {old.get(k)} there, {config.get(k)} here" for k in keys)
 
 
-def lr_at(step, lr, total):
-    """Linear warm-up, then cosine decay from lr to lr / 20 at step `total`."""
-    warmup = min(200, total // 10 + 1)
-    return lr * min(1.0, (step + 1) / warmup) * (0.05 + 0.475 * (1 + math.cos(math.pi * step / total)))
-
-
-def train(model, loss_fn, batches, steps, lr, path, config, ckpt=None, ckpt_every=2000, desc="train"):
-    """Adam on loss_fn(model, x, e, labels) over the batches, lr by lr_at, and an EMA of the weights to sample
-    from (decay 0.999, capped by (1 + s) / (10 + s) at step s); ckpt: a saved state to continue. Saves to path
-    every ckpt_every steps, at the end and on Ctrl-C. Returns the EMA model and an info dict."""
+def train(model, loss_fn, batches, steps, lr, path, config, ckpt=None, ckpt_every=2000, desc=None):
+    """Adam on loss_fn(model, x, e, labels) with warm-up and cosine lr, and an EMA of the weights to sample
+    from. Continues from ckpt if given; saves to path every ckpt_every steps, at the end and on Ctrl-C."""
     opt = torch.optim.Adam(model.parameters(), lr=lr, foreach=True)
     ema = copy.deepcopy(model).requires_grad_(False)
-    losses, interrupted = [], False                         # losses: one per step done
+    losses, interrupted = [], False                         # one loss per step done
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
@@ -402,22 +392,24 @@ def train(model, loss_fn, batches, steps, lr, path, config, ckpt=None, ckpt_ever
         losses = ckpt["losses"]
 
     def save():
-        save_checkpoint(path, {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-                               "step": len(losses), "config": config, "losses": losses})
+        save_checkpoint(path, {"model": model.state_dict(), "ema": ema.state_dict(), "step": len(losses),
+                               "optimizer": opt.state_dict(), "config": config, "losses": losses})
 
-    start, t0 = len(losses), time.perf_counter()
+    t0 = time.perf_counter()
     try:
-        for step in tqdm(range(start, steps), desc, initial=start, total=steps, mininterval=1.0):
+        for step in tqdm(range(len(losses), steps), desc, total=steps, initial=len(losses), mininterval=1):
             x, e, labels = next(batches)
             loss = loss_fn(model, x, e, labels)
-            if not math.isfinite(loss.item()):              # (nothing non-finite gets saved)
+            if not math.isfinite(loss.item()):              # stop before it reaches the weights
                 raise RunError(f"the loss became non-finite at step {step + 1}; try a lower --lr")
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            warmup = min(1.0, (step + 1) / min(200, steps // 10 + 1))
+            decay = 0.05 + 0.475 * (1 + math.cos(math.pi * step / steps))      # cosine from lr to lr / 20
             for group in opt.param_groups:
-                group["lr"] = lr_at(step, lr, steps)
+                group["lr"] = lr * warmup * decay
             opt.step()
-            with torch.no_grad():
+            with torch.no_grad():                           # EMA 0.999, capped by (1 + s) / (10 + s) early on
                 for p_ema, p in zip(ema.parameters(), model.parameters()):
                     p_ema.lerp_(p, 1 - min(0.999, (1 + step) / (10 + step)))
             losses.append(loss.item())
@@ -426,21 +418,18 @@ def train(model, loss_fn, batches, steps, lr, path, config, ckpt=None, ckpt_ever
     except KeyboardInterrupt:
         interrupted = True
         save()
-        print(f"\n[{desc}] interrupted at step {len(losses)}: saved {path} (--resume continues it)")
-    seconds = time.perf_counter() - t0
-    if len(losses) > start:
-        print(f"[{desc}] {len(losses) - start} steps in {seconds:.1f} s")
-    return ema, {"steps": len(losses), "train_seconds": round(seconds, 2), "losses": losses, "interrupted": interrupted}
+        print(f"\ninterrupted at step {len(losses)}: saved {path} (--resume continues it)")
+    seconds = round(time.perf_counter() - t0, 2)
+    return ema, {"steps": len(losses), "train_seconds": seconds, "interrupted": interrupted, "losses": losses}
 
 
 # --- evaluation ---
 def w2_distance(a, b):
-    """Exact 2-Wasserstein distance between two equal-size point sets: the optimal matching on squared
-    distances (scipy's linear_sum_assignment), then the square root of its mean."""
+    """Exact 2-Wasserstein distance of two equal-size point sets, by an optimal matching."""
     from scipy.optimize import linear_sum_assignment
     a = torch.as_tensor(a, dtype=torch.float64).reshape(len(a), -1)
     b = torch.as_tensor(b, dtype=torch.float64).reshape(len(b), -1)
-    if a.var(0).sum() < b.var(0).sum():     # the same optimum, found faster with the wider set as rows
+    if a.var(0).sum() < b.var(0).sum():                     # the same optimum, found faster
         a, b = b, a
     cost = (torch.cdist(a, b) ** 2).numpy()
     rows, cols = linear_sum_assignment(cost)
@@ -448,9 +437,8 @@ def w2_distance(a, b):
 
 
 def eval_noise(data, seed, device):
-    """Noise for the evaluation samples: N(0, I), but for moons and circles, whose real sets sklearn splits
-    exactly between two curves (i.i.d. noise sends ~1/(2 sqrt(n)) more to one, which W2 charges as transport),
-    scrambled Sobol points through the normal inverse CDF."""
+    """Noise for the evaluation samples: N(0, I), but quasi-random (scrambled Sobol points) for moons and
+    circles, whose real sets split exactly between two curves, as i.i.d. noise would not (W2 counts that)."""
     n = len(data.heldout)
     if data.name not in ("moons", "circles"):
         return torch.randn(n, *data.shape, generator=torch.Generator().manual_seed(seed)).to(device)
@@ -459,7 +447,7 @@ def eval_noise(data, seed, device):
 
 
 def report_w2(samples, data):
-    """Print and return each sampler's W2 to the held-out set, and the floor: the W2 between two real sets."""
+    """Print and return each sampler's W2 to the held-out set, and the floor: the W2 of two real sets."""
     floor = w2_distance(data.floor, data.heldout)
     metrics = {"w2_floor": round(floor, 5)}
     for key, x in samples.items():
@@ -470,51 +458,54 @@ def report_w2(samples, data):
 
 
 def save_results(out, samples, data, metrics, labels=None):
-    """samples.npz: each sampler's samples, the held-out `real` set (toys: and the `floor` set), the `labels`
-    a conditional run asked for, and the `data` name and `seed` for evaluate.py; metrics.json."""
-    extra = ({"floor": data.floor} if data.shape == (2,) else {}) | ({} if labels is None else {"labels": labels})
-    np.savez(os.path.join(out, "samples.npz"), real=data.heldout, data=data.name, seed=data.seed, **samples, **extra)
+    """samples.npz (the samples, `real`, toys' `floor` set, the `labels` asked for, and for evaluate.py the
+    `data` name and `seed`) and metrics.json."""
+    extra = {"floor": data.floor} if data.shape == (2,) else {}
+    extra.update({} if labels is None else {"labels": labels})
+    np.savez(os.path.join(out, "samples.npz"), **samples, **extra, real=data.heldout, data=data.name,
+             seed=data.seed)
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
 
 
 def image_grid(x, labels=None, n=8):
-    """Images (N, C, H, W) in [0, 1] as one (H', W', 3) array: n x n of them, or a row of n per class."""
+    """Images (N, C, H, W) as one (H', W', 3) array: n x n of them, or a row of n per class asked for."""
     from torchvision.utils import make_grid
     x = torch.as_tensor(x)
     if labels is None:
         x = x[:n * n]
-    else:                                           # row k: the first n samples of class k, grey if fewer
+    else:                                                   # grey where a class has fewer than n
         blank = torch.full((n, *x.shape[1:]), 0.5)
         x = torch.cat([torch.cat([x[labels == k][:n], blank])[:n] for k in range(labels.max() + 1)])
     return make_grid(x, nrow=n, padding=1, pad_value=0.5).permute(1, 2, 0).numpy()
 
 
 def plot_panels(path, title, data, panels, losses, metrics, labels=None):
-    """Save a figure of the panels (name, array), the first the real data: 2D points (coloured by the labels
-    asked for), 2D paths (N, K, 2) from t = 1 to 0 or an image grid; then the losses {name: list}."""
+    """Save a figure: a panel per (name, array), the first the real data, then the losses {name: list}.
+    2D points are coloured by the labels asked for; (N, K, 2) arrays are paths from t = 1 to t = 0."""
     import matplotlib.pyplot as plt
     from matplotlib.collections import LineCollection
     fig, axes = plt.subplots(1, len(panels) + 1, figsize=(3.2 * (len(panels) + 1), 3.4))
     for i, (ax, (name, x)) in enumerate(zip(axes, panels)):
         ratio = metrics.get(f"w2_ratio_{name}")
         ax.set_title(name + (f": W2 {ratio:.2f}x floor" if ratio else ""), fontsize=9)
-        if x.ndim == 3:                             # paths from the noise (green) to the samples (black)
+        if x.ndim == 3:                                     # paths: noise (green) to sample (black)
             ax.add_collection(LineCollection(x, colors="gray", lw=0.4, alpha=0.5))
             ax.scatter(*x[:, 0].T, s=2, color="C2")
             ax.scatter(*x[:, -1].T, s=2, color="k")
         elif x.ndim == 2:
-            ax.scatter(*x.T, s=2, alpha=0.4, c=[f"C{k % 10}" for k in labels] if labels is not None
-                       else "C0" if i == 0 else "C1")
+            colors = "C0" if i == 0 else "C1" if labels is None else [f"C{k % 10}" for k in labels]
+            ax.scatter(*x.T, s=2, alpha=0.4, c=colors)
             ax.set(xlim=axes[0].get_xlim(), ylim=axes[0].get_ylim())
         else:
             ax.imshow(image_grid(x, labels))
             ax.axis("off")
     start = 0
-    for name, curve in losses.items():              # one stage after another
+    for name, curve in losses.items():                      # one stage after another
         axes[-1].plot(range(start, start + len(curve)), curve, lw=0.5, label=name)
         start += len(curve)
-    axes[-1].set(yscale="log", title="training loss")
+    axes[-1].set_yscale("log")
+    axes[-1].set_title("training loss", fontsize=9)
     axes[-1].legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -530,8 +521,8 @@ DEFAULTS = {"toys": {"steps": 4000, "reflow_steps": 2000, "batch_size": 512, "lr
                        "n_pairs": 8192},
             "mnist": {"steps": 20000, "reflow_steps": 10000, "batch_size": 128, "lr": 1e-3, "channels": 32,
                       "n_pairs": 32768}}
-POSITIVE = ["steps", "batch_size", "lr", "channels", "ckpt_every", "n_eval", "guidance", "reflow_steps", "n_pairs",
-            "tol"]
+POSITIVE = ["steps", "batch_size", "lr", "channels", "ckpt_every", "n_eval", "guidance", "reflow_steps",
+            "n_pairs", "tol"]
 FRACTIONS = ["label_drop", "boundary_frac", "r0_frac"]
 
 
@@ -544,27 +535,29 @@ def get_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", default="moons", choices=TOYS + ["digits", "mnist"], help="dataset")
     p.add_argument("--data-dir", default="data", help="where MNIST is stored or downloaded to")
-    p.add_argument("--steps", type=int, default=argparse.SUPPRESS, help=f"training steps of stage 1 ({per_data('steps')})")
-    p.add_argument("--batch-size", type=int, default=argparse.SUPPRESS, help=f"batch size ({per_data('batch_size')})")
-    p.add_argument("--lr", type=float, default=argparse.SUPPRESS, help=f"Adam's learning rate ({per_data('lr')})")
+    p.add_argument("--steps", type=int, default=argparse.SUPPRESS,
+                   help=f"training steps of stage 1 ({per_data('steps')})")
+    p.add_argument("--batch-size", type=int, default=argparse.SUPPRESS,
+                   help=f"batch size ({per_data('batch_size')})")
+    p.add_argument("--lr", type=float, default=argparse.SUPPRESS, help=f"learning rate ({per_data('lr')})")
     p.add_argument("--channels", type=int, default=argparse.SUPPRESS,
                    help=f"base channels of the image U-Net ({per_data('channels')})")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="device")
     p.add_argument("--seed", type=int, default=0, help="random seed (0 or more)")
     p.add_argument("--out", default=os.path.join("outputs", SCRIPT), help="output folder")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted stage (finished ones are reused without it)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted stage")
     p.add_argument("--ckpt-every", type=int, default=2000, help="checkpoint interval in steps")
     p.add_argument("--n-eval", type=int, default=2000, help="samples to evaluate (at most the held-out set)")
-    p.add_argument("--cond", action="store_true", help=f"class-conditional model ({', '.join(N_CLASSES)})")
-    p.add_argument("--label-drop", type=float, default=0.1, help="with --cond: share of training labels dropped")
-    p.add_argument("--guidance", type=float, default=1.0, help="with --cond: classifier-free guidance weight W, "
-                   "v(no label) + W (v(label) - v(no label)), 1: none; applied to the fm teacher's sampling and pairs (two network evaluations per step), in --teacher imf's target; stage 2 samples without it")
+    p.add_argument("--cond", action="store_true", help=f"class-conditional ({', '.join(N_CLASSES)})")
+    p.add_argument("--label-drop", type=float, default=0.1, help="with --cond: share of labels dropped")
+    p.add_argument("--guidance", type=float, default=1.0, help="with --cond: classifier-free guidance weight "
+                   "(1: none), in the teacher (its ODE, or --teacher imf's target) and so in the pairs")
     p.add_argument("--reflow-steps", type=int, default=argparse.SUPPRESS,
                    help=f"training steps of stage 2 ({per_data('reflow_steps')})")
     p.add_argument("--n-pairs", type=int, default=argparse.SUPPRESS,
                    help=f"pairs (x_hat, e) simulated from the teacher ({per_data('n_pairs')})")
     p.add_argument("--tol", type=float, default=1e-5, help="dopri5's relative and absolute tolerance")
-    p.add_argument("--teacher", default="fm", choices=["fm", "imf"], help="stage 1: flow matching on u(z, t, t), or iMF")
+    p.add_argument("--teacher", default="fm", choices=["fm", "imf"], help="stage 1: flow matching or iMF")
     p.add_argument("--boundary-frac", type=float, default=0.7, help="share of each iMF batch with r = t")
     p.add_argument("--r0-frac", type=float, default=0.2, help="share with r = 0, the one-step corner's slice")
     p.add_argument("--boundary-t", default="max", choices=["logit-normal", "max"],
@@ -583,7 +576,7 @@ def get_args(argv=None):
     if args.cond and args.data not in N_CLASSES:
         p.error(f"--cond needs data with labels ({', '.join(N_CLASSES)})")
     if args.guidance != 1 and not (args.cond and args.label_drop > 0):
-        p.error("--guidance needs --cond and --label-drop > 0 (guidance uses the model without a label)")
+        p.error("--guidance needs --cond and --label-drop > 0 (it uses the model without a label)")
     args.argv = sys.argv[1:] if argv is None else list(argv)
     if args.boundary_frac + args.r0_frac > 1:
         p.error("--boundary-frac + --r0-frac must be at most 1")
@@ -592,14 +585,14 @@ def get_args(argv=None):
 
 # --- main ---
 def file_hash(path):
-    """A short sha256 of a file's bytes: what a file made from it records."""
+    """A short sha256 of a file's bytes, recorded by the files made from it."""
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()[:16]
 
 
 def train_stage(name, model, loss_fn, batches, steps, config, args):
-    """Train a stage into --out/<name>.pt: reuse the file if it finished with this config (settings and the
-    hash of the file it was made from), continue it with --resume, else train anew after a one-line note."""
+    """Train a stage into --out/<name>.pt: reuse the file if it was finished with this config (the settings
+    and the hash of the file it was made from), continue it with --resume, else train anew after a note."""
     path = os.path.join(args.out, f"{name}.pt")
     ckpt, diff = load_saved(path, config)
     if diff:
@@ -608,13 +601,13 @@ def train_stage(name, model, loss_fn, batches, steps, config, args):
         print(f"note: {path} stopped at step {ckpt['step']}; training it again (--resume continues it)")
     ckpt = ckpt if ckpt is not None and not diff and (ckpt["step"] >= steps or args.resume) else None
     if ckpt is not None and ckpt["step"] >= steps:
-        print(f"[{name}] reusing {path}: made with these settings from the same files")
+        print(f"[{name}] reusing {path}, made with these settings from the same files")
     return train(model, loss_fn, batches, steps, args.lr, path, config, ckpt, args.ckpt_every, name)
 
 
 def get_pairs(k, model, w, args, shape, n_classes):
-    """The pairs of stage k from --out/pairs<k>.pt if they were made with these settings from this very stage
-    file, else simulated by the stage's ODE (guided with w) and saved there."""
+    """The pairs of stage k: --out/pairs<k>.pt if made with these settings from this very stage file, else
+    simulated by the stage's ODE (guided with w) and saved there."""
     path = os.path.join(args.out, f"pairs{k}.pt")
     config = {"n_pairs": args.n_pairs, "tol": args.tol, "seed": args.seed, "guidance": w,
               "made_from": file_hash(os.path.join(args.out, f"stage{k}.pt"))}
@@ -623,7 +616,8 @@ def get_pairs(k, model, w, args, shape, n_classes):
         print(f"note: {path} was made with other settings or files ({diff}); simulating it again")
     if pairs is None or diff:
         t0 = time.perf_counter()
-        x_hat, e, labels, nfe = make_pairs(model, args.n_pairs, shape, args.seed + 4000 + k, args.tol, n_classes, w)
+        seed = args.seed + 4000 + k
+        x_hat, e, labels, nfe = make_pairs(model, args.n_pairs, shape, seed, args.tol, n_classes, w)
         pairs = {"x_hat": x_hat, "e": e, "labels": labels, "nfe": nfe, "config": config,
                  "seconds": round(time.perf_counter() - t0, 2)}
         save_checkpoint(path, pairs)
@@ -637,62 +631,69 @@ def run(args):
     os.makedirs(args.out, exist_ok=True)
     data = Data(args.data, args.data_dir, args.seed, device, args.n_eval)
     n_classes = data.n_classes if args.cond else 0
-    settings = {"script": SCRIPT, **{k: vars(args)[k] for k in ["data", "channels", "cond", "label_drop", "seed",
-                                                                "lr", "batch_size"]}}
+    keys = ["data", "channels", "cond", "label_drop", "seed", "lr", "batch_size"]
+    settings = {"script": SCRIPT, **{k: vars(args)[k] for k in keys}}
     imf = {k: vars(args)[k] for k in ["boundary_frac", "r0_frac", "boundary_t"]}
-    # stage 1, the teacher, on independent pairs (x ~ data, e ~ N(0, I))
+    # stage 1, the teacher, on independent pairs (x ~ data, e ~ N(0, I)); an iMF teacher has guidance in its
+    # training target
     model = make_model(data.shape, 2, args.channels, n_classes).to(device)     # u_theta(z, r, t)
     batches = data.batches(args.batch_size, args.label_drop if args.cond else None)
-    teacher = fm_loss if args.teacher == "fm" else functools.partial(imf_loss, guidance=args.guidance, **imf)
-    config = {**settings, "steps": args.steps, "teacher": args.teacher,
-              **({} if args.teacher == "fm" else {**imf, "guidance": args.guidance})}
+    fm = args.teacher == "fm"
+    teacher = fm_loss if fm else functools.partial(imf_loss, guidance=args.guidance, **imf)
+    config = {**settings, "steps": args.steps, "teacher": args.teacher, **({} if fm else imf),
+              "guidance": args.guidance}
     stages, infos, pair_infos = {}, {}, {}
-    stages["stage1"], infos["stage1"] = train_stage("stage1", model, teacher, batches, args.steps, config, args)
-    # the pairs by the teacher's ODE (guided if the teacher samples with guidance), then stage 2, iMF on
-    # the straight lines between them, from the teacher's weights
-    w = args.guidance if args.teacher == "fm" else 1.0     # the iMF teacher has guidance in its target
+    stages["stage1"], infos["stage1"] = train_stage("stage1", model, teacher, batches, args.steps, config,
+                                                    args)
+    # the pairs by the teacher's ODE (the fm teacher's guided, per label), then stage 2: iMF on the straight
+    # lines between them, from the teacher's weights
     if not infos["stage1"]["interrupted"]:
-        pairs = get_pairs(1, stages["stage1"], w, args, data.shape, n_classes)
+        pairs = get_pairs(1, stages["stage1"], args.guidance if fm else 1, args, data.shape, n_classes)
         pair_infos["pairs1"] = {"nfe": pairs["nfe"], "seconds": pairs["seconds"]}
         torch.manual_seed(args.seed + 5001)
         model = make_model(data.shape, 2, args.channels, n_classes).to(device)
         model.load_state_dict(stages["stage1"].state_dict())
-        x_hat, e, labels = (None if v is None else v.to(device) for v in (pairs["x_hat"], pairs["e"], pairs["labels"]))
+        x_hat, e = pairs["x_hat"].to(device), pairs["e"].to(device)
+        labels = None if pairs["labels"] is None else pairs["labels"].to(device)
+        batches = pair_batches(x_hat, e, labels, args.batch_size, args.seed + 5001)
         config = {**settings, "steps": args.reflow_steps, **imf,
                   "made_from": file_hash(os.path.join(args.out, "pairs1.pt"))}
-        stages["stage2"], infos["stage2"] = train_stage("stage2", model, functools.partial(imf_loss, **imf), pair_batches(
-            x_hat, e, labels, args.batch_size, args.seed + 5001), args.reflow_steps, config, args)
+        stages["stage2"], infos["stage2"] = train_stage("stage2", model, functools.partial(imf_loss, **imf),
+                                                        batches, args.reflow_steps, config, args)
 
-    # each stage: 1, 2, 4 steps and its dopri5 ODE, from the same noise, for the held-out labels
+    # each stage: 1, 2, 4 steps and its dopri5 ODE, from the same noise, for the held-out set's labels; the
+    # fm teacher takes Euler steps, guided as its pairs were, iMF z_r = z_t - (t - r) u(z_t, r, t)
     e = eval_noise(data, args.seed + 3000, device)
     labels = data.heldout_labels if args.cond else None
     y = None if labels is None else torch.as_tensor(labels, device=device)
     losses, out, panels = {name: info.pop("losses") for name, info in infos.items()}, {}, []
     for name, model in stages.items():
-        w = args.guidance if name == "stage1" and args.teacher == "fm" else 1.0
+        euler = name == "stage1" and fm
+        w = args.guidance if euler else 1.0
         per_step = 1 if y is None or w == 1 else 2
-        for n in (1, 2, 4):                                 # the fm teacher: Euler steps; iMF: z_r = z_t - (t - r) u
-            few_step = euler_sample(model, e, n, y, w) if name == "stage1" and args.teacher == "fm" else sample(model, e, n, y)
-            out[f"{name}_nfe{n * per_step}"] = few_step
-        path, infos[name]["ode_nfe"] = ode_generate(model, e, args.tol, y, w, 100 if data.shape == (2,) else 10)
+        for n in (1, 2, 4):
+            x = euler_sample(model, e, n, y, w) if euler else sample(model, e, n, y)
+            out[f"{name}_nfe{n * per_step}"] = x
+        n_grid = 100 if data.shape == (2,) else 10         # the path's points for its straightness
+        path, infos[name]["ode_nfe"] = ode_generate(model, e, args.tol, y, w, n_grid)
         out[f"{name}_ode"] = path[-1]
         infos[name]["straightness"], infos[name]["transport_cost"] = straightness(model, path, y, w)
-        ode = np.stack([data.to_data(z) for z in path[:, :300]], 1) if data.shape == (2,) else out[f"{name}_ode"]
-        panels.append((f"{name} ODE" + (" paths" if data.shape == (2,) else ""), ode))
+        panels.append((f"{name}_ode", path[:, :300].transpose(0, 1) if data.shape == (2,) else path[-1]))
         panels.append((f"{name}_nfe{per_step}", out[f"{name}_nfe{per_step}"]))
     samples = {k: data.to_data(v) for k, v in out.items()}
-    panels = [("real (held-out)", data.heldout)] + [(k, samples[k] if k in samples else v) for k, v in panels]
     print(f"iMF on a reflow coupling, {args.data}: each stage's few steps and dopri5 ODE:")
     metrics = report_w2(samples, data) if data.shape == (2,) else {}
     for name, info in infos.items():
-        print(f"{name}: {info['steps']} steps, ODE {info['ode_nfe']} NFE, straightness {info['straightness']:.4f}, "
-              f"transport cost {info['transport_cost']:.4f}")
+        print(f"{name}: {info['steps']} steps, straightness {info['straightness']:.4f}, transport cost "
+              f"{info['transport_cost']:.4f}")
     metrics.update(command=" ".join(["python", f"{SCRIPT}.py", *args.argv]), stages=infos, pairs=pair_infos)
     save_results(args.out, samples, data, metrics, labels)
-    plot_panels(os.path.join(args.out, "results.png"), f"iMF on a reflow coupling, {args.data}"
-                f"{f', guidance {args.guidance:g}' if y is not None else ''}: "
-                + " -> ".join(f"{n} ({i['steps']} steps)" for n, i in infos.items()), data, panels, losses, metrics, labels)
-    print(f"wrote {args.out}: results.png, samples.npz, metrics.json and the stage and pairs files")
+    panels = [("real (held-out)", data.heldout)] + [(k, data.to_data(v)) for k, v in panels]
+    title = f"iMF on a reflow coupling, {args.data}" + (f", guidance {args.guidance:g}" if y is not None
+                                                         else "")
+    title += ": " + " -> ".join(f"{name} ({info['steps']} steps)" for name, info in infos.items())
+    plot_panels(os.path.join(args.out, "results.png"), title, data, panels, losses, metrics, labels)
+    print(f"wrote {args.out}: results.png, samples.npz, metrics.json, the stage and pairs files")
     if data.shape != (2,):
         print(f"score the images with: python evaluate.py {args.out}")
     if any(info["interrupted"] for info in infos.values()):
