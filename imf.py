@@ -41,7 +41,8 @@ def sample_r_t(n, device, boundary_frac=0.7, r0_frac=0.2, boundary_t="logit-norm
     u(z, t, t) = v(z, t)) with t ~ logit-normal(-0.4, 1) or the larger of two uniforms ("max"); the next
     r0_frac * n rows r = 0, t ~ U(0, 1] (the slice whose corner (0, 1) is one-step sampling); the rest the
     min and max of two uniform times. Returns r, t and nb."""
-    nb, n0 = round(n * boundary_frac), round(n * (boundary_frac + r0_frac)) - round(n * boundary_frac)
+    nb = round(n * boundary_frac)
+    n0 = min(round(n * r0_frac), n - nb)                  # rounding never overfills the batch
     a, b = torch.rand(n, device=device), torch.rand(n, device=device)
     r, t = torch.minimum(a, b), torch.maximum(a, b)
     if boundary_t == "logit-normal":

@@ -55,7 +55,8 @@ def sample_r_t(n, device, boundary_frac=0.7, r0_frac=0.2, boundary_t="max"):
     u(z, t, t) = v(z, t)) with t ~ logit-normal(-0.4, 1) or the larger of two uniforms ("max"); the next
     r0_frac * n rows r = 0, t ~ U(0, 1] (the slice whose corner (0, 1) is one-step sampling); the rest the
     min and max of two uniform times. Returns r, t and nb."""
-    nb, n0 = round(n * boundary_frac), round(n * (boundary_frac + r0_frac)) - round(n * boundary_frac)
+    nb = round(n * boundary_frac)
+    n0 = min(round(n * r0_frac), n - nb)                  # rounding never overfills the batch
     a, b = torch.rand(n, device=device), torch.rand(n, device=device)
     r, t = torch.minimum(a, b), torch.maximum(a, b)
     if boundary_t == "logit-normal":
@@ -640,8 +641,8 @@ def run(args):
     batches = data.batches(args.batch_size, args.label_drop if args.cond else None)
     fm = args.teacher == "fm"
     teacher = fm_loss if fm else functools.partial(imf_loss, guidance=args.guidance, **imf)
-    config = {**settings, "steps": args.steps, "teacher": args.teacher, **({} if fm else imf),
-              "guidance": args.guidance}
+    config = {**settings, "steps": args.steps, "teacher": args.teacher,
+              **({} if fm else {**imf, "guidance": args.guidance})}
     stages, infos, pair_infos = {}, {}, {}
     stages["stage1"], infos["stage1"] = train_stage("stage1", model, teacher, batches, args.steps, config,
                                                     args)

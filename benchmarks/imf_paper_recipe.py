@@ -1,13 +1,13 @@
 """imf.py trained with the MeanFlow/iMF papers' (r, t) sampler and adaptive loss weighting instead of this
-collection's recipe, to measure one against the other (README, "Choices measured against the papers'").
-It patches imf.imf_loss and runs imf.main, so every imf.py flag works. From the repository root:
+collection's recipe, to measure one against the other (RESULTS.md). It replaces imf.imf_loss and runs
+imf.main, so every imf.py flag works. From the repository root:
 
     python benchmarks/imf_paper_recipe.py --sampler logit-normal --boundary-frac 0.75 --seed 0
     python benchmarks/imf_paper_recipe.py --sampler split --adaptive-p 1 --seed 0
 
 The papers' sampler draws two logit-normal(-0.4, 1) times, sorts them into r <= t and sets r = t for a share
-of the batch (here imf.py's --boundary-frac); their adaptive weighting divides each sample's squared error,
-summed over its dimensions, by (its detached value + c)^p."""
+of the batch (imf.py's --boundary-frac); their adaptive weighting divides each sample's squared error, summed
+over its dimensions, by (its detached value + c)^p."""
 import argparse
 import json
 import os
@@ -29,10 +29,8 @@ def sample_r_t_logit_normal(n, device, boundary_frac=0.75, mu=-0.4, sigma=1.0):
     return r, t, nb
 
 
-def paper_loss(model, x, e, boundary_frac, r0_frac, sampler="logit-normal", p=0.0, c=1e-3,
-               boundary_t="logit-normal"):
-    """imf.imf_loss with the papers' sampler and/or adaptive weighting; the compound target is the same.
-    boundary_t: imf.py's --boundary-t, for the split sampler."""
+def paper_loss(model, x, e, boundary_frac, r0_frac, boundary_t, sampler="logit-normal", p=0.0, c=1e-3):
+    """imf.imf_loss with the papers' sampler and/or adaptive weighting; the compound target is the same."""
     if sampler == "split":
         r, t, nb = imf.sample_r_t(len(x), x.device, boundary_frac, r0_frac, boundary_t)
     else:
@@ -51,27 +49,27 @@ def paper_loss(model, x, e, boundary_frac, r0_frac, sampler="logit-normal", p=0.
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], add_help=False)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    p = argparse.ArgumentParser(description="imf.py with the papers' (r, t) sampler or loss weighting",
+                                add_help=False)
     p.add_argument("--sampler", default="logit-normal", choices=["split", "logit-normal"],
-                   help="(r, t): the papers' logit-normal pair, or imf.py's split (only the split uses --boundary-t)")
+                   help="(r, t): the papers' logit-normal pair, or imf.py's split (only it uses --boundary-t)")
     p.add_argument("--adaptive-p", type=float, default=0.0, help="adaptive weighting power p (0: plain loss)")
     p.add_argument("--adaptive-c", type=float, default=1e-3, help="adaptive weighting constant c")
     args, rest = p.parse_known_args(argv)
     if imf.get_args(rest).cond:
         p.error("the papers' recipe here is unconditional: drop --cond")
     recipe = {"sampler": args.sampler, "adaptive_p": args.adaptive_p, "adaptive_c": args.adaptive_c}
-    imf.imf_loss = lambda m, x, e, y, w, bf, r0, bt: paper_loss(m, x, e, bf, r0, *recipe.values(), boundary_t=bt)
-    run_config = imf.run_config
-    used = lambda c: {k: v for k, v in c.items() if k != "boundary_t" or args.sampler == "split"}  # noqa: E731
-    imf.run_config = lambda a: {**used(run_config(a)), **recipe}  # --resume refuses a checkpoint of another recipe
-    if "--out" not in rest:
-        rest += ["--out", os.path.join("outputs", f"imf_paper_{args.sampler}_p{args.adaptive_p:g}_c{args.adaptive_c:g}")]
+    imf.imf_loss = lambda m, x, e, labels, guidance, boundary_frac, r0_frac, boundary_t: paper_loss(
+        m, x, e, boundary_frac, r0_frac, boundary_t, args.sampler, args.adaptive_p, args.adaptive_c)
+    if "--out" not in rest:          # a folder of its own: --resume never continues another recipe's run
+        rest += ["--out", os.path.join("outputs", f"imf_paper_{args.sampler}_p{args.adaptive_p:g}")]
     metrics = imf.main(rest)
-    metrics["command"] = " ".join(["python", "benchmarks/imf_paper_recipe.py", *(argv if argv is not None else [])])
+    metrics.update(recipe, command=" ".join(["python", "benchmarks/imf_paper_recipe.py", *argv]))
     with open(os.path.join(rest[rest.index("--out") + 1], "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
     return metrics
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

@@ -50,8 +50,7 @@ def seconds(m, stages):
     """Training time of the stages a route uses (each route trains in its own folder, so none is reused)."""
     if stages is None:
         return m["train_seconds"]
-    s = {**m["stages"], **m["pairs"]}
-    return sum(s[k]["train_seconds"] for k in stages)
+    return sum(m["stages"][k]["train_seconds"] if k in m["stages"] else m["pairs"][k]["seconds"] for k in stages)
 
 
 def main(argv=None):
