@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 
 class RunError(Exception):
-    """A problem the user can fix (a file, a device, a download, a diverged loss); main prints it in one line."""
+    """A problem the user can fix (a file, a device, a download, a diverged loss): main prints one line."""
 
 
 def load_images(name, data_dir):
@@ -38,25 +38,24 @@ def load_images(name, data_dir):
         from torchvision.datasets import MNIST
         train, test = MNIST(data_dir, train=True, download=True), MNIST(data_dir, train=False, download=True)
     except Exception as err:                                # no network, broken files, ...
-        why = " ".join(str(err).split())[:120]            # (torchvision's messages have several lines)
+        why = " ".join(str(err).split())[:120]              # (torchvision's message has several lines)
         raise RunError(f"cannot load MNIST in {data_dir!r} ({type(err).__name__}: {why}); "
                        "--data digits works offline") from None
     return train.data[:, None] / 255, train.targets, test.data[:2000, None] / 255, test.targets[:2000]
 
 
 def save_checkpoint(path, state):
-    """Write atomically (a temporary file, then os.replace): a crash never leaves a half-written file."""
+    """Write atomically, to a temporary file and then os.replace: never a half-written file."""
     torch.save(state, f"{path}.{os.getpid()}.tmp")
     os.replace(f"{path}.{os.getpid()}.tmp", path)
 
 
 def w2_distance(a, b):
-    """Exact 2-Wasserstein distance between two equal-size point sets: the optimal matching on squared
-    distances (scipy's linear_sum_assignment), then the square root of its mean."""
+    """Exact 2-Wasserstein distance of two equal-size point sets, by an optimal matching."""
     from scipy.optimize import linear_sum_assignment
     a = torch.as_tensor(a, dtype=torch.float64).reshape(len(a), -1)
     b = torch.as_tensor(b, dtype=torch.float64).reshape(len(b), -1)
-    if a.var(0).sum() < b.var(0).sum():     # the same optimum, found faster with the wider set as rows
+    if a.var(0).sum() < b.var(0).sum():                     # the same optimum, found faster
         a, b = b, a
     cost = (torch.cdist(a, b) ** 2).numpy()
     rows, cols = linear_sum_assignment(cost)
@@ -70,9 +69,10 @@ class FeatureNet(nn.Module):
     def __init__(self, in_ch=1, n_classes=10):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(in_ch, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-            nn.Linear(64, 64), nn.ReLU())
+            nn.Conv2d(in_ch, 32, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 64), nn.ReLU())
         self.head = nn.Linear(64, n_classes)
 
     def forward(self, x):
@@ -80,16 +80,16 @@ class FeatureNet(nn.Module):
 
 
 def image_classifier(name, train, labels, data_dir, seed=0):
-    """The FeatureNet of a dataset: read from data_dir/<name>_classifier.pt if that was made with these settings,
-    else trained on (train, labels) (Adam, batch 128, about 20 epochs, 300 to 2000 steps) and saved there."""
+    """The FeatureNet of a dataset: read from data_dir/<name>_classifier.pt if it was made with these
+    settings, else trained on (train, labels) (Adam, batch 128, about 20 epochs) and saved there."""
     steps = min(2000, max(300, 20 * len(train) // 128))
-    settings = {"data": name, "shape": list(train.shape[1:]), "n_train": len(train), "steps": steps, "seed": seed,
-                "net": "FeatureNet 32-64-64-64"}
+    settings = {"data": name, "shape": list(train.shape[1:]), "n_train": len(train), "steps": steps,
+                "seed": seed, "net": "FeatureNet 32-64-64-64"}
     path = os.path.join(data_dir, f"{name}_classifier.pt")
+    net = FeatureNet(train.shape[1])
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
         if saved["settings"] == settings:
-            net = FeatureNet(train.shape[1])
             net.load_state_dict(saved["model"])
             return net.eval()
         print(f"note: {path} was made with other settings; training the classifier again")
@@ -111,12 +111,12 @@ def image_classifier(name, train, labels, data_dir, seed=0):
         os.makedirs(data_dir, exist_ok=True)
         save_checkpoint(path, {"model": net.state_dict(), "settings": settings})
     except OSError as err:
-        print(f"note: cannot cache the classifier in {path} ({type(err).__name__}); it is trained again next time")
+        print(f"note: cannot cache the classifier in {path} ({type(err).__name__}); it is trained each time")
     return net.eval()
 
 
 def frechet_distance(f1, f2):
-    """Frechet distance of Gaussians fitted to two feature sets: |m1 - m2|^2 + tr(C1 + C2 - 2 (C1 C2)^(1/2))."""
+    """Frechet distance of Gaussians fitted to two feature sets: |m1 - m2|^2 + tr(C1 + C2 - 2 sqrt(C1 C2))."""
     from scipy import linalg
     f1, f2 = np.asarray(f1, np.float64), np.asarray(f2, np.float64)
     eye = 1e-6 * np.eye(f1.shape[1])                        # dead ReLU features make C singular
@@ -125,7 +125,7 @@ def frechet_distance(f1, f2):
 
 
 def evaluate(path, data_dir="data"):
-    """Score the samples.npz at path (a file, or the folder holding it): {sampler: {"distance", "floor",
+    """Score the samples.npz at path (the file, or the folder holding it): {sampler: {"distance", "floor",
     "ratio", and "accuracy" for conditional samples}}, printed as one line each."""
     path = os.path.join(path, "samples.npz") if os.path.isdir(path) else path
     try:
@@ -134,34 +134,32 @@ def evaluate(path, data_dir="data"):
     except Exception as err:
         raise RunError(f"cannot read samples from {path} ({type(err).__name__}: {err})") from None
     floor_set, labels = saved.pop("floor", None), saved.pop("labels", None)
-    if real.ndim == 2:                                      # 2D points: exact W2, nearest real point's label
+    if real.ndim == 2:                                      # 2D: exact W2, and the nearest real point's label
         metric, floor = "W2", w2_distance(floor_set, real)
-        distance = lambda x: w2_distance(x, real)  # noqa: E731
-        classify = lambda x: labels[torch.cdist(torch.as_tensor(x), torch.as_tensor(real)).argmin(1).numpy()]  # noqa: E731
     else:                                                   # images: FD in the classifier's features
-        train, train_labels = load_images(name, data_dir)[:2]
-        net = image_classifier(name, train, train_labels, data_dir)
-        with torch.no_grad():
-            features = lambda x: net.features(torch.as_tensor(x, dtype=torch.float32))  # noqa: E731
-            g, real_features = torch.Generator().manual_seed(seed + 2000), features(real)
-            floor = np.mean([frechet_distance(features(train[torch.randperm(len(train), generator=g)[:len(real)]]),
-                                              real_features) for _ in range(5)])
-            metric, distance = "FD", lambda x: frechet_distance(features(x), real_features)  # noqa: E731
-            classify = lambda x: net(torch.as_tensor(x, dtype=torch.float32)).argmax(1).numpy()  # noqa: E731
+        metric, (train, train_labels) = "FD", load_images(name, data_dir)[:2]
+        net = image_classifier(name, train, train_labels, data_dir).requires_grad_(False)
+        real_features, g = net.features(torch.as_tensor(real)), torch.Generator().manual_seed(seed + 2000)
+        subsets = [train[torch.randperm(len(train), generator=g)[:len(real)]] for _ in range(5)]
+        floor = float(np.mean([frechet_distance(net.features(x), real_features) for x in subsets]))
     scores = {}
     for key, x in saved.items():
-        with torch.no_grad():
-            d = distance(x)
-            scores[key] = {"distance": round(d, 5), "floor": round(float(floor), 5), "ratio": round(d / floor, 3)}
-            if labels is not None:
-                scores[key]["accuracy"] = round(float((classify(x) == labels).mean()), 4)
+        x = torch.as_tensor(x, dtype=torch.float32)
+        if metric == "W2":
+            nearest = torch.cdist(x, torch.as_tensor(real)).argmin(1).numpy()
+            d, predicted = w2_distance(x, real), None if labels is None else labels[nearest]
+        else:
+            d, predicted = frechet_distance(net.features(x), real_features), net(x).argmax(1).numpy()
+        scores[key] = {"distance": round(d, 5), "floor": round(floor, 5), "ratio": round(d / floor, 3)}
+        if labels is not None:
+            scores[key]["accuracy"] = round(float((predicted == labels).mean()), 4)
         acc = f"  accuracy {scores[key]['accuracy']:.3f}" if labels is not None else ""
         print(f"{key:>12}  {metric} {d:.4f}  floor {floor:.4f}  ({d / floor:.2f}x){acc}")
     return scores
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Score a script's samples.npz: W2 (2D) or FD (images) vs the floor.")
+    p = argparse.ArgumentParser(description="Score a script's samples against held-out data and the floor.")
     p.add_argument("out", help="an --out folder of one of the scripts, or a samples.npz")
     p.add_argument("--data-dir", default="data", help="where MNIST and the cached classifiers are")
     args = p.parse_args(argv)

@@ -76,11 +76,22 @@ def ode_generate(model, e, solver="dopri5", ode_steps=20, labels=None, w=1.0, n_
 
 
 # --- model ---
+class TimeEmbedding(nn.Module):
+    """Sinusoidal embedding of a time in [0, 1] at low frequencies (1 to max_freq rad): iMF differentiates
+    the network in t, and frequencies up to 30 rad made its one-step samples worse."""
+
+    def __init__(self, dim=64, max_freq=2.0):
+        super().__init__()
+        self.register_buffer("freqs", torch.exp(torch.linspace(0.0, math.log(max_freq), dim // 2)))
+
+    def forward(self, t):
+        angles = t[:, None] * self.freqs
+        return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
 def embed_inputs(net, times, labels):
-    """Sinusoidal embeddings of the times at low frequencies (1 to 2 rad: iMF differentiates the network
-    in t, and up to 30 rad made its one-step samples worse), and of the labels (None: "no label")."""
-    freqs = torch.exp(torch.linspace(0.0, math.log(2.0), 32, device=times[0].device))
-    parts = [torch.cat([(t[:, None] * freqs).sin(), (t[:, None] * freqs).cos()], dim=-1) for t in times]
+    """The embeddings of the times and, for a class-conditional net, of the labels (None: "no label")."""
+    parts = [net.embed(t) for t in times]
     if net.n_classes:
         no_label = torch.full_like(times[0], net.n_classes, dtype=torch.long)
         parts.append(net.label(no_label if labels is None else labels))
@@ -92,7 +103,7 @@ class ResMLP(nn.Module):
 
     def __init__(self, n_times=1, n_classes=0, hidden=64, depth=3, emb=64):
         super().__init__()
-        self.n_classes = n_classes
+        self.embed, self.n_classes = TimeEmbedding(emb), n_classes
         if n_classes:
             self.label = nn.Embedding(n_classes + 1, emb)   # the last index: no label
         self.cond = nn.Sequential(nn.Linear((n_times + (n_classes > 0)) * emb, hidden), nn.SiLU(),
@@ -117,7 +128,7 @@ class SmallUNet(nn.Module):
 
     def __init__(self, shape, n_times=1, ch=32, n_classes=0, emb=64):
         super().__init__()
-        self.n_classes, self.ch = n_classes, ch
+        self.embed, self.n_classes, self.ch = TimeEmbedding(emb), n_classes, ch
         self.deep = shape[1] % 4 == 0 and shape[2] % 4 == 0 and min(shape[1:]) >= 16
         if n_classes:
             self.label = nn.Embedding(n_classes + 1, emb)   # the last index: no label
@@ -282,9 +293,13 @@ def train(model, loss_fn, batches, steps, lr, path, config, ckpt=None, ckpt_ever
     ema = copy.deepcopy(model).requires_grad_(False)
     losses, interrupted = [], False                         # one loss per step done
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["optimizer"])
+        try:
+            model.load_state_dict(ckpt["model"])
+            ema.load_state_dict(ckpt["ema"])
+            opt.load_state_dict(ckpt["optimizer"])
+        except (KeyError, RuntimeError, ValueError) as err:     # made by another version of the network
+            raise RunError(f"{path} does not fit this network ({type(err).__name__}): delete it or use "
+                           "another --out") from None
         losses = ckpt["losses"]
 
     def save():
@@ -384,7 +399,8 @@ def plot_panels(path, title, data, panels, losses, metrics, labels=None):
     fig, axes = plt.subplots(1, len(panels) + 1, figsize=(3.2 * (len(panels) + 1), 3.4))
     for i, (ax, (name, x)) in enumerate(zip(axes, panels)):
         ratio = metrics.get(f"w2_ratio_{name}")
-        ax.set_title(name + (f": W2 {ratio:.2f}x floor" if ratio else ""), fontsize=9)
+        ax.set_title(name + (" paths" if x.ndim == 3 else "") + (f": W2 {ratio:.2f}x floor" if ratio else ""),
+                     fontsize=9)
         if x.ndim == 3:                                     # paths: noise (green) to sample (black)
             ax.add_collection(LineCollection(x, colors="gray", lw=0.4, alpha=0.5))
             ax.scatter(*x[:, 0].T, s=2, color="C2")
@@ -499,7 +515,7 @@ def run(args):
     save_results(args.out, samples, data, metrics, labels)
     panels = [("real (held-out)", data.heldout), *samples.items()]
     if data.shape == (2,):
-        panels.append((f"{args.solver} paths", np.stack([data.to_data(z) for z in path[:, :300]], 1)))
+        panels.append(("ode", np.stack([data.to_data(z) for z in path[:, :300]], 1)))
     title = f"Flow Matching on {args.data}" + (f", guidance {w:g}" if y is not None else "")
     plot_panels(os.path.join(args.out, "results.png"), f"{title}, {info['steps']} steps", data, panels,
                 {"flow matching": info["losses"]}, metrics, labels)

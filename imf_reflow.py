@@ -17,7 +17,7 @@ cost per step, and a better stage 2); iMF's (r, t) sampler of imf.py, with the b
 uniforms (--boundary-t max), which did better on the pairs; small networks, a low-frequency time embedding.
 
   python imf_reflow.py                  # moons: teacher, dopri5 pairs, iMF; about a minute on a laptop CPU
-  python imf_reflow.py --teacher imf    # an iMF teacher, as in the two-stage notes
+  python imf_reflow.py --teacher imf    # an iMF teacher instead of flow matching
 Files in --out: stage1.pt, pairs1.pt, stage2.pt; a later run reuses those made with its settings.
 """
 import argparse
@@ -82,8 +82,8 @@ def meanflow_jvp(model, z, r, t, v, labels=None):
 def imf_loss(model, x, e, labels=None, guidance=1.0, boundary_frac=0.7, r0_frac=0.2,
              boundary_t="max"):
     """iMF: ||u(z_t, r, t) + (t - r) sg(d/dt u) - v_tgt||^2 with the tangent v_theta = u(z_t, t, t) and
-    v_tgt = e - x; with guidance w != 1, the labelled rows' v_tgt is w (e - x) + (1 - w) sg(v(z_t, t)), v of
-    no label."""
+    v_tgt = e - x; with guidance w != 1, the labelled rows regress on
+    v_tgt = w (e - x) + (1 - w) sg(u(z_t, t, t | no label)) instead."""
     r, t, nb = sample_r_t(len(x), x.device, boundary_frac, r0_frac, boundary_t)
     tb = t.view(-1, *[1] * (x.dim() - 1))
     z = (1 - tb) * x + tb * e                               # z_t = (1 - t) x + t e
@@ -181,11 +181,22 @@ def pair_batches(x_hat, e, labels, n, seed):
 
 
 # --- model ---
+class TimeEmbedding(nn.Module):
+    """Sinusoidal embedding of a time in [0, 1] at low frequencies (1 to max_freq rad): iMF differentiates
+    the network in t, and frequencies up to 30 rad made its one-step samples worse."""
+
+    def __init__(self, dim=64, max_freq=2.0):
+        super().__init__()
+        self.register_buffer("freqs", torch.exp(torch.linspace(0.0, math.log(max_freq), dim // 2)))
+
+    def forward(self, t):
+        angles = t[:, None] * self.freqs
+        return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
 def embed_inputs(net, times, labels):
-    """Sinusoidal embeddings of the times at low frequencies (1 to 2 rad: iMF differentiates the network
-    in t, and up to 30 rad made its one-step samples worse), and of the labels (None: "no label")."""
-    freqs = torch.exp(torch.linspace(0.0, math.log(2.0), 32, device=times[0].device))
-    parts = [torch.cat([(t[:, None] * freqs).sin(), (t[:, None] * freqs).cos()], dim=-1) for t in times]
+    """The embeddings of the times and, for a class-conditional net, of the labels (None: "no label")."""
+    parts = [net.embed(t) for t in times]
     if net.n_classes:
         no_label = torch.full_like(times[0], net.n_classes, dtype=torch.long)
         parts.append(net.label(no_label if labels is None else labels))
@@ -197,7 +208,7 @@ class ResMLP(nn.Module):
 
     def __init__(self, n_times=1, n_classes=0, hidden=64, depth=3, emb=64):
         super().__init__()
-        self.n_classes = n_classes
+        self.embed, self.n_classes = TimeEmbedding(emb), n_classes
         if n_classes:
             self.label = nn.Embedding(n_classes + 1, emb)   # the last index: no label
         self.cond = nn.Sequential(nn.Linear((n_times + (n_classes > 0)) * emb, hidden), nn.SiLU(),
@@ -222,7 +233,7 @@ class SmallUNet(nn.Module):
 
     def __init__(self, shape, n_times=1, ch=32, n_classes=0, emb=64):
         super().__init__()
-        self.n_classes, self.ch = n_classes, ch
+        self.embed, self.n_classes, self.ch = TimeEmbedding(emb), n_classes, ch
         self.deep = shape[1] % 4 == 0 and shape[2] % 4 == 0 and min(shape[1:]) >= 16
         if n_classes:
             self.label = nn.Embedding(n_classes + 1, emb)   # the last index: no label
@@ -387,9 +398,13 @@ def train(model, loss_fn, batches, steps, lr, path, config, ckpt=None, ckpt_ever
     ema = copy.deepcopy(model).requires_grad_(False)
     losses, interrupted = [], False                         # one loss per step done
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["optimizer"])
+        try:
+            model.load_state_dict(ckpt["model"])
+            ema.load_state_dict(ckpt["ema"])
+            opt.load_state_dict(ckpt["optimizer"])
+        except (KeyError, RuntimeError, ValueError) as err:     # made by another version of the network
+            raise RunError(f"{path} does not fit this network ({type(err).__name__}): delete it or use "
+                           "another --out") from None
         losses = ckpt["losses"]
 
     def save():
@@ -489,7 +504,8 @@ def plot_panels(path, title, data, panels, losses, metrics, labels=None):
     fig, axes = plt.subplots(1, len(panels) + 1, figsize=(3.2 * (len(panels) + 1), 3.4))
     for i, (ax, (name, x)) in enumerate(zip(axes, panels)):
         ratio = metrics.get(f"w2_ratio_{name}")
-        ax.set_title(name + (f": W2 {ratio:.2f}x floor" if ratio else ""), fontsize=9)
+        ax.set_title(name + (" paths" if x.ndim == 3 else "") + (f": W2 {ratio:.2f}x floor" if ratio else ""),
+                     fontsize=9)
         if x.ndim == 3:                                     # paths: noise (green) to sample (black)
             ax.add_collection(LineCollection(x, colors="gray", lw=0.4, alpha=0.5))
             ax.scatter(*x[:, 0].T, s=2, color="C2")
