@@ -644,8 +644,9 @@ def run(args):
     print(f"k-Rectified Flow on {args.data}: each stage's Euler steps and dopri5 ODE:")
     metrics = report_w2(samples, data) if data.shape == (2,) else {}
     for name, info in infos.items():
-        geometry = f", straightness {info['straightness']:.4f}, transport cost {info['transport_cost']:.4f}"
-        print(f"{name}: {info['steps']} steps" + ("" if name == "distill" else geometry))
+        geometry = "" if name == "distill" else (f", straightness {info['straightness']:.4f}, transport cost "
+                                                  f"{info['transport_cost']:.4f}")
+        print(f"{name}: {info['steps']} steps{geometry}")
     metrics.update(command=" ".join(["python", f"{SCRIPT}.py", *args.argv]), stages=infos, pairs=pair_infos)
     save_results(args.out, samples, data, metrics, labels)
     panels = [("real (held-out)", data.heldout)] + [(k, data.to_data(v)) for k, v in panels]

@@ -309,7 +309,7 @@ def test_pairs_are_the_ode_endpoints_per_label(script, tmp_path):
     labels are balanced and the ODE is the guided one; stage 2 starts from stage 1's weights."""
     mod = mods[script]
     metrics = run(script, tmp_path, "--cond", "--guidance", "2", "--steps", "60", "--reflow-steps", "20",
-                  "--n-pairs", "64", "--n-eval", "50")
+                  "--n-pairs", "64", "--n-eval", "50", *(["--distill"] if script == "reflow" else []))
     pairs = torch.load(tmp_path / "pairs1.pt", weights_only=True)
     assert torch.equal(torch.bincount(pairs["labels"]), torch.tensor([32, 32]))
     assert pairs["x_hat"].shape == (64, 2)
@@ -319,6 +319,7 @@ def test_pairs_are_the_ode_endpoints_per_label(script, tmp_path):
     plain = mod.ode_generate(model, pairs["e"], 1e-5, pairs["labels"], 1.0)[0][-1]
     assert torch.allclose(guided, pairs["x_hat"], atol=1e-5) and not torch.allclose(plain, guided, atol=1e-3)
     assert "w2_ratio_stage2_nfe1" in metrics and "w2_ratio_stage1_nfe2" in metrics   # stage 1 guided: 2 NFE
+    assert script == "imf_reflow" or "w2_ratio_distill_nfe1" in metrics
     assert np.load(tmp_path / "samples.npz")["labels"].shape == (50,)
 
 
