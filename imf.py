@@ -282,9 +282,8 @@ class Data:
 # --- training ---
 def pick_device(name):
     """auto: CUDA, else Apple's MPS, else the CPU."""
-    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    if name == "auto":
-        name = "cuda" if available["cuda"] else "mps" if available["mps"] else "cpu"
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    name = next(k for k, ok in available.items() if ok) if name == "auto" else name
     if not available[name]:
         raise RunError(f"--device {name} is not available here")
     return torch.device(name)
@@ -414,18 +413,17 @@ def image_grid(x, labels=None, n=8):
     return make_grid(x, nrow=n, padding=1, pad_value=0.5).permute(1, 2, 0).numpy()
 
 
-def plot_panels(path, title, data, panels, losses, metrics, labels=None):
+def plot_panels(path, title, panels, losses, metrics, labels=None):
     """Save a figure: a panel per (name, array), the first the real data, then the losses {name: list}.
     2D points are coloured by the labels asked for; (N, K, 2) arrays are paths from t = 1 to t = 0."""
     import matplotlib.pyplot as plt
-    from matplotlib.collections import LineCollection
     fig, axes = plt.subplots(1, len(panels) + 1, figsize=(3.2 * (len(panels) + 1), 3.4))
     for i, (ax, (name, x)) in enumerate(zip(axes, panels)):
         ratio = metrics.get(f"w2_ratio_{name}")
         ax.set_title(name + (" paths" if x.ndim == 3 else "") + (f": W2 {ratio:.2f}x floor" if ratio else ""),
                      fontsize=9)
         if x.ndim == 3:                                     # paths: noise (green) to sample (black)
-            ax.add_collection(LineCollection(x, colors="gray", lw=0.4, alpha=0.5))
+            ax.plot(x[..., 0].T, x[..., 1].T, color="gray", lw=0.4, alpha=0.5)
             ax.scatter(*x[:, 0].T, s=2, color="C2")
             ax.scatter(*x[:, -1].T, s=2, color="k")
         elif x.ndim == 2:
@@ -543,7 +541,7 @@ def run(args):
     if data.shape == (2,):
         panels.append(("nfe1", np.stack([data.to_data(e), samples["nfe1"]], 1)[:300]))  # e -> e - u(e, 0, 1)
     title = f"improved MeanFlow on {args.data}" + (f", guidance {args.guidance:g}" if y is not None else "")
-    plot_panels(os.path.join(args.out, "results.png"), f"{title}, {info['steps']} steps", data, panels,
+    plot_panels(os.path.join(args.out, "results.png"), f"{title}, {info['steps']} steps", panels,
                 {"iMF": info["losses"]}, metrics, labels)
     print(f"wrote {args.out}: results.png, samples.npz, metrics.json, checkpoint.pt")
     if data.shape != (2,):

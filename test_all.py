@@ -308,8 +308,9 @@ def test_pairs_are_the_ode_endpoints_per_label(script, tmp_path):
     """The pairs are the endpoints of stage 1's dopri5 ODE from their noise; with --cond --guidance W their
     labels are balanced and the ODE is the guided one; stage 2 starts from stage 1's weights."""
     mod = mods[script]
+    distill = ["--distill"] if script == "reflow" else []
     metrics = run(script, tmp_path, "--cond", "--guidance", "2", "--steps", "60", "--reflow-steps", "20",
-                  "--n-pairs", "64", "--n-eval", "50", *(["--distill"] if script == "reflow" else []))
+                  "--n-pairs", "64", "--n-eval", "50", *distill)
     pairs = torch.load(tmp_path / "pairs1.pt", weights_only=True)
     assert torch.equal(torch.bincount(pairs["labels"]), torch.tensor([32, 32]))
     assert pairs["x_hat"].shape == (64, 2)
@@ -421,7 +422,8 @@ def test_help_shows_the_defaults_per_dataset_and_works_under_python_OO(capsys):
             mods[script].main(["--help"])
         steps = mods[script].DEFAULTS
         printed = capsys.readouterr().out
-        assert f"{steps['toys']['steps']} on toys" in printed and f"{steps['mnist']['steps']} on mnist" in printed
+        assert f"{steps['toys']['steps']} on toys" in printed
+        assert f"{steps['mnist']['steps']} on mnist" in printed
         args = mods[script].get_args(["--data", "digits", "--lr", "0.01"])
         assert args.steps == steps["digits"]["steps"] and args.lr == 0.01     # a flag given always wins
 
