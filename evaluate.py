@@ -81,7 +81,8 @@ class FeatureNet(nn.Module):
 
 def image_classifier(name, train, labels, data_dir, seed=0):
     """The FeatureNet of a dataset: read from data_dir/<name>_classifier.pt if it was made with these
-    settings, else trained on (train, labels) (Adam, batch 128, about 20 epochs) and saved there."""
+    settings, else trained on (train, labels) (Adam, batch 128, 20 epochs within 300 to 2000 steps) and saved
+    there."""
     steps = min(2000, max(300, 20 * len(train) // 128))
     settings = {"data": name, "shape": list(train.shape[1:]), "n_train": len(train), "steps": steps,
                 "seed": seed, "net": "FeatureNet 32-64-64-64"}
@@ -124,16 +125,19 @@ def frechet_distance(f1, f2):
     return float(((f1.mean(0) - f2.mean(0)) ** 2).sum() + np.trace(c1 + c2 - 2 * linalg.sqrtm(c1 @ c2).real))
 
 
-def evaluate(path, data_dir="data"):
+def evaluate(path, data_dir=None):
     """Score the samples.npz at path (the file, or the folder holding it): {sampler: {"distance", "floor",
-    "ratio", and "accuracy" for conditional samples}}, printed as one line each."""
+    "ratio", and "accuracy" for conditional samples}}, printed as one line each. data_dir: where the images
+    and the cached classifier are (None: the run's --data-dir)."""
     path = os.path.join(path, "samples.npz") if os.path.isdir(path) else path
     try:
         saved = dict(np.load(path))
         real, name, seed = saved.pop("real"), str(saved.pop("data")), int(saved.pop("seed", 0))
+        data_dir = data_dir or str(saved.get("data_dir", "data"))
     except Exception as err:
         raise RunError(f"cannot read samples from {path} ({type(err).__name__}: {err})") from None
     floor_set, labels = saved.pop("floor", None), saved.pop("labels", None)
+    saved.pop("data_dir", None)                             # the rest are sampler settings
     if real.ndim == 2:                                      # 2D: exact W2, and the nearest real point's label
         metric, floor = "W2", w2_distance(floor_set, real)
     else:                                                   # images: FD in the classifier's features
@@ -161,7 +165,8 @@ def evaluate(path, data_dir="data"):
 def main(argv=None):
     p = argparse.ArgumentParser(description="Score a script's samples against held-out data and the floor.")
     p.add_argument("out", help="an --out folder of one of the scripts, or a samples.npz")
-    p.add_argument("--data-dir", default="data", help="where MNIST and the cached classifiers are")
+    p.add_argument("--data-dir", default=None,
+                   help="where MNIST and the cached classifiers are (default: the run's --data-dir)")
     args = p.parse_args(argv)
     try:
         scores = evaluate(args.out, args.data_dir)

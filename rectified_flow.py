@@ -18,7 +18,6 @@ Departures from the paper: small networks with a low-frequency time embedding.
 """
 import argparse
 import copy
-import functools
 import json
 import math
 import os
@@ -229,7 +228,8 @@ class Data:
     held-out samples, their labels and for toys a second real set (the W2 floor's) in data coordinates."""
 
     def __init__(self, name, data_dir, seed, device, n_eval):
-        self.name, self.seed, self.device, self.n_classes = name, seed, device, N_CLASSES.get(name, 0)
+        self.name, self.data_dir, self.seed, self.device = name, data_dir, seed, device
+        self.n_classes = N_CLASSES.get(name, 0)
         self.rng = np.random.default_rng(seed)
         if name in TOYS:                                    # batches come from a pool of 65,536 points
             train, labels = toy_points(name, 2**16, self.rng)
@@ -302,10 +302,10 @@ def train(model, loss_fn, batches, steps, lr, path, config, ckpt=None, ckpt_ever
             model.load_state_dict(ckpt["model"])
             ema.load_state_dict(ckpt["ema"])
             opt.load_state_dict(ckpt["optimizer"])
+            losses = ckpt["losses"]
         except (KeyError, RuntimeError, ValueError) as err:     # made by another version of the network
             raise RunError(f"{path} does not fit this network ({type(err).__name__}): delete it or use "
                            "another --out") from None
-        losses = ckpt["losses"]
 
     def save():
         save_checkpoint(path, {"model": model.state_dict(), "ema": ema.state_dict(), "step": len(losses),
@@ -317,7 +317,8 @@ def train(model, loss_fn, batches, steps, lr, path, config, ckpt=None, ckpt_ever
             x, e, labels = next(batches)
             loss = loss_fn(model, x, e, labels)
             if not math.isfinite(loss.item()):              # stop before it reaches the weights
-                raise RunError(f"the loss became non-finite at step {step + 1}; try a lower --lr")
+                where = f"step {step + 1}" + (f" of {desc}" if desc else "")
+                raise RunError(f"the loss became non-finite at {where}; try a lower --lr")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             warmup = min(1.0, (step + 1) / min(200, steps // 10 + 1))
@@ -375,11 +376,11 @@ def report_w2(samples, data):
 
 def save_results(out, samples, data, metrics, labels=None):
     """samples.npz (the samples, `real`, toys' `floor` set, the `labels` asked for, and for evaluate.py the
-    `data` name and `seed`) and metrics.json."""
+    `data` name, `data_dir` and `seed`) and metrics.json."""
     extra = {"floor": data.floor} if data.shape == (2,) else {}
     extra.update({} if labels is None else {"labels": labels})
     np.savez(os.path.join(out, "samples.npz"), **samples, **extra, real=data.heldout, data=data.name,
-             seed=data.seed)
+             data_dir=data.data_dir, seed=data.seed)
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
 
@@ -459,7 +460,8 @@ def get_args(argv=None):
     p.add_argument("--out", default=os.path.join("outputs", SCRIPT), help="output folder")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.add_argument("--ckpt-every", type=int, default=2000, help="checkpoint interval in steps")
-    p.add_argument("--n-eval", type=int, default=2000, help="samples to evaluate (at most the held-out set)")
+    p.add_argument("--n-eval", type=int, default=2000,
+                   help="samples to evaluate (images: at most the held-out set)")
     p.add_argument("--cond", action="store_true", help=f"class-conditional ({', '.join(N_CLASSES)})")
     p.add_argument("--label-drop", type=float, default=0.1, help="with --cond: share of labels dropped")
     p.add_argument("--guidance", type=float, default=1.0, help="with --cond: classifier-free guidance weight "
@@ -494,21 +496,26 @@ def run(args):
     torch.manual_seed(args.seed)
     os.makedirs(args.out, exist_ok=True)
     data = Data(args.data, args.data_dir, args.seed, device, args.n_eval)
-    source = None if args.source == "gaussian" else Data(args.source, args.data_dir, args.seed + 7, device, 2)
+    source = None if args.source == "gaussian" else Data(args.source, args.data_dir, args.seed + 7, device,
+                                                         args.n_eval)
     model = make_model(data.shape, 1, args.channels, data.n_classes if args.cond else 0).to(device)  # v(z, t)
-    config = {"script": SCRIPT, **{k: vars(args)[k] for k in ["data", "channels", "cond", "label_drop"]},
-              "source": args.source}
+    keys = ["data", "data_dir", "channels", "cond", "label_drop"]
+    config = {"script": SCRIPT, **{k: vars(args)[k] for k in keys}, "source": args.source}
     path = os.path.join(args.out, "checkpoint.pt")
     ckpt, diff = load_saved(path, config) if args.resume else (None, "")
     if diff:
         raise RunError(f"{path} was made with other settings ({diff}): drop --resume or use another --out")
+    if not args.resume and os.path.exists(path):
+        print(f"note: training anew; {path} will be replaced (--resume continues it)")
     batches = coupling(data.batches(args.batch_size, args.label_drop if args.cond else None),
                        None if source is None else source.batches(args.batch_size))
     ema, info = train(model, rf_loss, batches, args.steps, args.lr, path, config, ckpt, args.ckpt_every)
 
     # Euler with 1 to 8 steps and the simulated ODE, from the same source points, for the held-out labels
-    n = len(data.heldout)
-    e = eval_noise(data, args.seed + 3000, device) if source is None else next(source.batches(n))[0]
+    if source is None:
+        e = eval_noise(data, args.seed + 3000, device)
+    else:                                                   # the source's held-out set, in model coordinates
+        e = ((torch.as_tensor(source.heldout) - source.center) / source.scale).to(device)
     labels = data.heldout_labels if args.cond else None
     y, w = None if labels is None else torch.as_tensor(labels, device=device), args.guidance
     per_step = 1 if y is None or w == 1 else 2              # network evaluations per Euler step
@@ -524,7 +531,7 @@ def run(args):
     save_results(args.out, samples, data, metrics, labels)
     panels = [("real (held-out)", data.heldout), *samples.items()]
     if data.shape == (2,):
-        panels.append(("ode", np.stack([data.to_data(z) for z in path[::5, :300]], 1)))
+        panels.append(("ode", np.stack([data.to_data(z) for z in path[:, :300]], 1)))
     title = f"1-Rectified Flow {args.source} -> {args.data}" + (f", guidance {w:g}" if y is not None else "")
     title += f", {info['steps']} steps: straightness {S:.3f}, transport cost {C:.3f}"
     plot_panels(os.path.join(args.out, "results.png"), title, panels, {"1-RF": info["losses"]}, metrics,

@@ -274,7 +274,8 @@ class Data:
     held-out samples, their labels and for toys a second real set (the W2 floor's) in data coordinates."""
 
     def __init__(self, name, data_dir, seed, device, n_eval):
-        self.name, self.seed, self.device, self.n_classes = name, seed, device, N_CLASSES.get(name, 0)
+        self.name, self.data_dir, self.seed, self.device = name, data_dir, seed, device
+        self.n_classes = N_CLASSES.get(name, 0)
         self.rng = np.random.default_rng(seed)
         if name in TOYS:                                    # batches come from a pool of 65,536 points
             train, labels = toy_points(name, 2**16, self.rng)
@@ -347,10 +348,10 @@ def train(model, loss_fn, batches, steps, lr, path, config, ckpt=None, ckpt_ever
             model.load_state_dict(ckpt["model"])
             ema.load_state_dict(ckpt["ema"])
             opt.load_state_dict(ckpt["optimizer"])
+            losses = ckpt["losses"]
         except (KeyError, RuntimeError, ValueError) as err:     # made by another version of the network
             raise RunError(f"{path} does not fit this network ({type(err).__name__}): delete it or use "
                            "another --out") from None
-        losses = ckpt["losses"]
 
     def save():
         save_checkpoint(path, {"model": model.state_dict(), "ema": ema.state_dict(), "step": len(losses),
@@ -362,7 +363,8 @@ def train(model, loss_fn, batches, steps, lr, path, config, ckpt=None, ckpt_ever
             x, e, labels = next(batches)
             loss = loss_fn(model, x, e, labels)
             if not math.isfinite(loss.item()):              # stop before it reaches the weights
-                raise RunError(f"the loss became non-finite at step {step + 1}; try a lower --lr")
+                where = f"step {step + 1}" + (f" of {desc}" if desc else "")
+                raise RunError(f"the loss became non-finite at {where}; try a lower --lr")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             warmup = min(1.0, (step + 1) / min(200, steps // 10 + 1))
@@ -420,11 +422,11 @@ def report_w2(samples, data):
 
 def save_results(out, samples, data, metrics, labels=None):
     """samples.npz (the samples, `real`, toys' `floor` set, the `labels` asked for, and for evaluate.py the
-    `data` name and `seed`) and metrics.json."""
+    `data` name, `data_dir` and `seed`) and metrics.json."""
     extra = {"floor": data.floor} if data.shape == (2,) else {}
     extra.update({} if labels is None else {"labels": labels})
     np.savez(os.path.join(out, "samples.npz"), **samples, **extra, real=data.heldout, data=data.name,
-             seed=data.seed)
+             data_dir=data.data_dir, seed=data.seed)
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
 
@@ -508,7 +510,8 @@ def get_args(argv=None):
     p.add_argument("--out", default=os.path.join("outputs", SCRIPT), help="output folder")
     p.add_argument("--resume", action="store_true", help="continue an interrupted stage")
     p.add_argument("--ckpt-every", type=int, default=2000, help="checkpoint interval in steps")
-    p.add_argument("--n-eval", type=int, default=2000, help="samples to evaluate (at most the held-out set)")
+    p.add_argument("--n-eval", type=int, default=2000,
+                   help="samples to evaluate (images: at most the held-out set)")
     p.add_argument("--cond", action="store_true", help=f"class-conditional ({', '.join(N_CLASSES)})")
     p.add_argument("--label-drop", type=float, default=0.1, help="with --cond: share of labels dropped")
     p.add_argument("--guidance", type=float, default=1.0, help="with --cond: classifier-free guidance weight "
@@ -555,6 +558,9 @@ def train_stage(name, model, loss_fn, batches, steps, config, args):
     and the hash of the file it was made from), continue it with --resume, else train anew after a note."""
     path = os.path.join(args.out, f"{name}.pt")
     ckpt, diff = load_saved(path, config)
+    if diff and args.resume:
+        raise RunError(f"{path} was made with other settings or files ({diff}): drop --resume or use another "
+                       "--out")
     if diff:
         print(f"note: {path} was made with other settings or files ({diff}); training it again")
         ckpt = None
@@ -592,7 +598,7 @@ def run(args):
     os.makedirs(args.out, exist_ok=True)
     data = Data(args.data, args.data_dir, args.seed, device, args.n_eval)
     n_classes = data.n_classes if args.cond else 0
-    keys = ["data", "channels", "cond", "label_drop", "seed", "lr", "batch_size"]
+    keys = ["data", "data_dir", "channels", "cond", "label_drop", "seed", "lr", "batch_size"]
     settings = {"script": SCRIPT, **{k: vars(args)[k] for k in keys}}
     # stage 1: 1-rectified flow on independent pairs (x ~ data, e ~ N(0, I))
     model = make_model(data.shape, 1, args.channels, n_classes).to(device)     # v_theta(z, t)

@@ -63,7 +63,8 @@ def main(argv=None):
     imf.imf_loss = lambda m, x, e, labels, guidance, boundary_frac, r0_frac, boundary_t: paper_loss(
         m, x, e, boundary_frac, r0_frac, boundary_t, args.sampler, args.adaptive_p, args.adaptive_c)
     if "--out" not in rest:          # a folder of its own: --resume never continues another recipe's run
-        rest += ["--out", os.path.join("outputs", f"imf_paper_{args.sampler}_p{args.adaptive_p:g}")]
+        name = f"imf_paper_{args.sampler}_p{args.adaptive_p:g}_c{args.adaptive_c:g}"
+        rest += ["--out", os.path.join("outputs", name)]
     metrics = imf.main(rest)
     metrics.update(recipe, command=" ".join(["python", "benchmarks/imf_paper_recipe.py", *argv]))
     with open(os.path.join(rest[rest.index("--out") + 1], "metrics.json"), "w") as f:

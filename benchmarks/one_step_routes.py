@@ -1,6 +1,6 @@
 """Which one-step route? Runs the collection's default commands (and imf.py with three times its training) as
-programs for several training seeds and writes a table of sample quality (W2 / floor, median and range over the seeds) against the number of network
-evaluations and the training time. Run from the repository root:
+programs for several training seeds and writes a table of sample quality (W2 / floor, median and range over
+the seeds) against the number of network evaluations and the training time. Run from the repository root:
 
     python benchmarks/one_step_routes.py                  # seeds 0 1 2: about 25 minutes on a 2-core CPU
     python benchmarks/one_step_routes.py --keep           # reuse finished runs in --out, run only what is missing
@@ -9,6 +9,7 @@ Each route's numbers come from the metrics.json its command wrote; nothing here 
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -39,6 +40,7 @@ def run(script, flags, seed, out, keep, done):
         done[script, tuple(flags), seed] = json.load(open(path))
         return done[script, tuple(flags), seed]
     print(" ".join(["python", script, *cmd[2:]]), flush=True)
+    shutil.rmtree(folder, ignore_errors=True)                      # a fresh run: no stage file is reused
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "run.log"), "w") as log:        # the run's output, and its error if it fails
         subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
@@ -54,7 +56,7 @@ def seconds(m, stages):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)   # python -OO
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
     p.add_argument("--out", default=os.path.join("outputs", "routes"), help="where the runs go")
     p.add_argument("--keep", action="store_true", help="reuse finished runs in --out")
