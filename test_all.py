@@ -596,6 +596,9 @@ def test_benchmarks_run(tmp_path, capsys):
     step_cost = importlib.import_module("imf_step_cost")
     ms = step_cost.main(["--steps", "3", "--repeats", "1"])
     assert set(ms) == {"flow matching", "iMF"} and all(v > 0 for v in ms.values())
+    unet_cost = importlib.import_module("unet_cpu_cost")
+    ms = unet_cost.main(["--steps", "1", "--repeats", "1"])
+    assert set(ms) == set(unet_cost.VARIANTS) and all(v > 0 for v in ms.values())
     recipe = importlib.import_module("imf_paper_recipe")
     metrics = recipe.main(["--sampler", "logit-normal", "--adaptive-p", "1", "--steps", "20",
                            "--n-eval", "50", "--out", str(tmp_path / "paper")])
