@@ -454,27 +454,60 @@ def write_idx(path, array):
         f.write(array.tobytes())
 
 
-def test_mnist_reads_idx_files_and_a_broken_download_is_one_line(tmp_path):
-    raw = tmp_path / "MNIST" / "raw"
+def tiny_mnist(folder, n_train=40, n_test=12):
+    """MNIST's four IDX files under folder/MNIST/raw, random 28x28 images and labels; returns the arrays."""
+    raw = folder / "MNIST" / "raw"
     raw.mkdir(parents=True)
     rng = np.random.default_rng(0)
-    train_x, test_x = rng.integers(0, 256, (40, 28, 28)), rng.integers(0, 256, (12, 28, 28))
-    for name, array in [("train-images-idx3-ubyte", train_x), ("t10k-images-idx3-ubyte", test_x),
-                        ("train-labels-idx1-ubyte", rng.integers(0, 10, 40)),
-                        ("t10k-labels-idx1-ubyte", rng.integers(0, 10, 12))]:
+    arrays = {"train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28)),
+              "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, 28, 28)),
+              "train-labels-idx1-ubyte": rng.integers(0, 10, n_train),
+              "t10k-labels-idx1-ubyte": rng.integers(0, 10, n_test)}
+    for name, array in arrays.items():
         write_idx(raw / name, array)
+    return arrays
+
+
+def test_mnist_reads_idx_files_and_a_broken_download_is_one_line(tmp_path):
+    arrays = tiny_mnist(tmp_path)
     train, labels, heldout, heldout_labels = fm.load_images("mnist", str(tmp_path))
     assert train.shape == (40, 1, 28, 28) and heldout.shape == (12, 1, 28, 28) and labels.dtype == torch.long
+    train_x = arrays["train-images-idx3-ubyte"]
     assert torch.allclose(train[3, 0], torch.tensor(train_x[3], dtype=torch.float32) / 255)
-    run("imf", tmp_path / "out", "--data", "mnist", "--data-dir", str(tmp_path), "--steps", "3",
-        "--channels", "4", "--batch-size", "4")
-    assert np.load(tmp_path / "out" / "samples.npz")["nfe1"].shape == (12, 1, 28, 28)
+    raw = tmp_path / "MNIST" / "raw"
     (raw / "train-images-idx3-ubyte").write_bytes(b"broken")      # a bad file, as a failed download leaves
     with pytest.raises(SystemExit) as err:
         fm.main(["--data", "mnist", "--data-dir", str(tmp_path), "--out", str(tmp_path / "o2")])
     message = str(err.value.code)
     assert message.startswith("error: cannot load MNIST") and "--data digits" in message
     assert "\n" not in message
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_mnist_path_of_each_script_on_tiny_idx_files(script, tmp_path):
+    """Each script runs class-conditional, guided MNIST on tiny IDX files: 28x28 samples in [0, 1] with the
+    labels asked for; the two-stage scripts simulate their pairs balanced per label, of MNIST's shape."""
+    tiny_mnist(tmp_path / "data")
+    flags = ["--data", "mnist", "--data-dir", str(tmp_path / "data"), "--steps", "3", "--channels", "4",
+             "--batch-size", "4", "--cond", "--guidance", "2"]
+    flags += ["--reflow-steps", "2", "--n-pairs", "20"] if script in TWO_STAGE else []
+    flags += {"fm": ["--solver", "euler", "--ode-steps", "2"], "rectified_flow": ["--ode-steps", "2"]}.get(
+        script, [])
+    run(script, tmp_path / "out", *flags)
+    saved = np.load(tmp_path / "out" / "samples.npz")
+    one_step = {"fm": "nfe2", "rectified_flow": "nfe2", "imf": "nfe1"}.get(script, "stage2_nfe1")  # guided: 2
+    x = saved[one_step]
+    assert x.shape == saved["real"].shape == (12, 1, 28, 28) and 0 <= x.min() and x.max() <= 1
+    assert saved["labels"].shape == (12,) and str(saved["data"]) == "mnist"
+    if script in TWO_STAGE:
+        pairs = torch.load(tmp_path / "out" / "pairs1.pt", weights_only=True)
+        assert torch.equal(torch.bincount(pairs["labels"]), torch.full((10,), 2))
+        assert pairs["x_hat"].shape == pairs["e"].shape == (20, 1, 28, 28)
+        model = mods[script].make_model((1, 28, 28), 2 if script == "imf_reflow" else 1, 4, 10)
+        model.load_state_dict(torch.load(tmp_path / "out" / "stage1.pt", weights_only=True)["ema"])
+        steps = mods[script].DEFAULTS["mnist"]["ode_steps"]                  # mnist: fixed midpoint steps
+        x_hat = mods[script].ode_generate(model, pairs["e"], 1e-5, pairs["labels"], 2.0, steps=steps)[0][-1]
+        assert steps > 0 and pairs["nfe"] == 2 * 2 * steps and torch.allclose(x_hat, pairs["x_hat"], atol=1e-6)
 
 
 def test_resume_continues_from_the_saved_step(tmp_path, capsys):
@@ -599,6 +632,13 @@ def test_benchmarks_run(tmp_path, capsys):
     unet_cost = importlib.import_module("unet_cpu_cost")
     ms = unet_cost.main(["--steps", "1", "--repeats", "1"])
     assert set(ms) == set(unet_cost.VARIANTS) and all(v > 0 for v in ms.values())
+    run("reflow", tmp_path / "rf", "--steps", "20", "--reflow-steps", "5", "--n-pairs", "32",
+        "--n-eval", "50")
+    pairs_cost = importlib.import_module("pairs_ode_cost")
+    rows = pairs_cost.main([str(tmp_path / "rf" / "stage1.pt"), "--n", "8"])
+    assert len(rows) == len(pairs_cost.SOLVERS) and rows["dopri5 tol 1e-05"]["rms"] == 0
+    assert rows["euler, 8 steps"]["nfe"] == 8 and rows["rk4, 8 steps"]["nfe"] == 32
+    assert rows["rk4, 8 steps"]["rms"] < rows["euler, 8 steps"]["rms"] < 1      # a higher order: closer
     recipe = importlib.import_module("imf_paper_recipe")
     metrics = recipe.main(["--sampler", "logit-normal", "--adaptive-p", "1", "--steps", "20",
                            "--n-eval", "50", "--out", str(tmp_path / "paper")])
