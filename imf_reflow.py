@@ -132,9 +132,8 @@ def euler_sample(model, e, steps, labels=None, w=1.0):
 
 @torch.no_grad()
 def ode_generate(model, e, tol=1e-5, labels=None, w=1.0, n_grid=1, steps=0):
-    """Integrate dz/dt = v(z, t) from t = 1 to 0 with torchdiffeq: dopri5 (rtol = atol = tol), or with
-    steps > 0 that many midpoint steps. Returns the states at n_grid + 1 equally spaced times (the last:
-    x_hat) and the number of network evaluations."""
+    """Integrate dz/dt = v(z, t) from t = 1 to 0 by torchdiffeq's dopri5 (rtol = atol = tol), or steps > 0
+    midpoint steps. Returns the states at n_grid + 1 equal time steps (the last: x_hat) and the NFE."""
     from torchdiffeq import odeint
     nfe = [0]
 

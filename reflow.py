@@ -78,9 +78,8 @@ def euler_sample(model, e, steps, labels=None, w=1.0):
 
 @torch.no_grad()
 def ode_generate(model, e, tol=1e-5, labels=None, w=1.0, n_grid=1, steps=0):
-    """Integrate dz/dt = v(z, t) from t = 1 to 0 with torchdiffeq: dopri5 (rtol = atol = tol), or with
-    steps > 0 that many midpoint steps. Returns the states at n_grid + 1 equally spaced times (the last:
-    x_hat) and the number of network evaluations."""
+    """Integrate dz/dt = v(z, t) from t = 1 to 0 by torchdiffeq's dopri5 (rtol = atol = tol), or steps > 0
+    midpoint steps. Returns the states at n_grid + 1 equal time steps (the last: x_hat) and the NFE."""
     from torchdiffeq import odeint
     nfe = [0]
 
@@ -486,8 +485,8 @@ DEFAULTS = {"toys": {"steps": 3400, "reflow_steps": 2500, "batch_size": 512, "lr
                      "n_pairs": 16384, "ode_steps": 0},
             "digits": {"steps": 5000, "reflow_steps": 2500, "batch_size": 128, "lr": 2e-3, "channels": 16,
                        "n_pairs": 8192, "ode_steps": 0},
-            "mnist": {"steps": 20000, "reflow_steps": 10000, "batch_size": 128, "lr": 1e-3, "channels": 32,
-                      "n_pairs": 32768, "ode_steps": 16}}
+            "mnist": {"steps": 6000, "reflow_steps": 5000, "batch_size": 64, "lr": 2e-3, "channels": 16,
+                      "n_pairs": 8192, "ode_steps": 16}}
 POSITIVE = ["steps", "batch_size", "lr", "channels", "ckpt_every", "n_eval", "guidance", "reflow_steps",
             "n_pairs", "tol"]
 FRACTIONS = ["label_drop", "t1_frac"]
