@@ -692,7 +692,7 @@ def run(args):
         stages["stage2"], infos["stage2"] = train_stage("stage2", model, functools.partial(imf_loss, **imf),
                                                         batches, args.reflow_steps, config, args)
 
-    # each stage: 1, 2, 4 steps and its dopri5 ODE, from the same noise, for the held-out set's labels; the
+    # each stage: 1, 2, 4 steps and its ODE, from the same noise, for the held-out set's labels; the
     # fm teacher takes Euler steps, guided as its pairs were, iMF z_r = z_t - (t - r) u(z_t, r, t)
     e = eval_noise(data, args.seed + 3000, device)
     labels = data.heldout_labels if args.cond else None
@@ -712,7 +712,8 @@ def run(args):
         panels.append((f"{name}_ode", path[:, :300].transpose(0, 1) if data.shape == (2,) else path[-1]))
         panels.append((f"{name}_nfe{per_step}", out[f"{name}_nfe{per_step}"]))
     samples = {k: data.to_data(v) for k, v in out.items()}
-    print(f"iMF on a reflow coupling, {args.data}: each stage's few steps and dopri5 ODE:")
+    ode = f"{args.ode_steps} midpoint steps" if args.ode_steps else "dopri5"
+    print(f"iMF on a reflow coupling, {args.data}: each stage's few steps and ODE ({ode}):")
     metrics = report_w2(samples, data) if data.shape == (2,) else {}
     for name, info in infos.items():
         print(f"{name}: {info['steps']} steps, straightness {info['straightness']:.4f}, transport cost "

@@ -636,7 +636,7 @@ def run(args):
         stages[name], infos[name] = train_stage(name, model, loss_fn, batches, args.reflow_steps, config,
                                                 args)
 
-    # each stage: 1, 2, 4 Euler steps (distill: 1) and its dopri5 ODE, from the same noise, for the held-out
+    # each stage: 1, 2, 4 Euler steps (distill: 1) and its ODE, from the same noise, for the held-out
     # set's labels; stage 1 guided as its pairs were, the later stages learned the guided map
     e = eval_noise(data, args.seed + 3000, device)
     labels = data.heldout_labels if args.cond else None
@@ -655,7 +655,8 @@ def run(args):
             panels.append((f"{name}_ode", path[:, :300].transpose(0, 1) if data.shape == (2,) else path[-1]))
         panels.append((f"{name}_nfe{per_step}", out[f"{name}_nfe{per_step}"]))
     samples = {k: data.to_data(v) for k, v in out.items()}
-    print(f"k-Rectified Flow on {args.data}: each stage's Euler steps and dopri5 ODE:")
+    ode = f"{args.ode_steps} midpoint steps" if args.ode_steps else "dopri5"
+    print(f"k-Rectified Flow on {args.data}: each stage's Euler steps and ODE ({ode}):")
     metrics = report_w2(samples, data) if data.shape == (2,) else {}
     for name, info in infos.items():
         geometry = "" if name == "distill" else (f", straightness {info['straightness']:.4f}, transport cost "
