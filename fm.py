@@ -427,9 +427,12 @@ def plot_panels(path, title, panels, losses, metrics, labels=None):
 
 # --- config ---
 SCRIPT = os.path.splitext(os.path.basename(__file__))[0]
-DEFAULTS = {"toys": {"steps": 4000, "batch_size": 512, "lr": 5e-3, "channels": 32},
-            "digits": {"steps": 4000, "batch_size": 128, "lr": 2e-3, "channels": 16},
-            "mnist": {"steps": 20000, "batch_size": 128, "lr": 1e-3, "channels": 32}}
+DEFAULTS = {"toys": {"steps": 4000, "batch_size": 512, "lr": 5e-3, "channels": 32, "n_eval": 2000,
+                     "solver": "dopri5", "ode_steps": 20},
+            "digits": {"steps": 4000, "batch_size": 128, "lr": 2e-3, "channels": 16, "n_eval": 2000,
+                       "solver": "dopri5", "ode_steps": 20},
+            "mnist": {"steps": 6000, "batch_size": 64, "lr": 2e-3, "channels": 16, "n_eval": 1000,
+                      "solver": "midpoint", "ode_steps": 8}}
 POSITIVE = ["steps", "batch_size", "lr", "channels", "ckpt_every", "n_eval", "guidance", "ode_steps"]
 FRACTIONS = ["label_drop", "sigma_min"]
 
@@ -455,16 +458,17 @@ def get_args(argv=None):
     p.add_argument("--out", default=os.path.join("outputs", SCRIPT), help="output folder")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.add_argument("--ckpt-every", type=int, default=2000, help="checkpoint interval in steps")
-    p.add_argument("--n-eval", type=int, default=2000,
-                   help="samples to evaluate (images: at most the held-out set)")
+    p.add_argument("--n-eval", type=int, default=argparse.SUPPRESS,
+                   help=f"samples to evaluate, at most the held-out set ({per_data('n_eval')})")
     p.add_argument("--cond", action="store_true", help=f"class-conditional ({', '.join(N_CLASSES)})")
     p.add_argument("--label-drop", type=float, default=0.1, help="with --cond: share of labels dropped")
     p.add_argument("--guidance", type=float, default=1.0, help="with --cond: classifier-free guidance weight "
                    "(1: none), at sampling: two network evaluations a step")
     p.add_argument("--sigma-min", type=float, default=1e-3, help="noise left at the data end of the path")
-    p.add_argument("--solver", default="dopri5", choices=["euler", "midpoint", "rk4", "dopri5"],
-                   help="torchdiffeq solver of the 'ode' samples")
-    p.add_argument("--ode-steps", type=int, default=20, help="steps of a fixed-step --solver")
+    p.add_argument("--solver", default=argparse.SUPPRESS, choices=["euler", "midpoint", "rk4", "dopri5"],
+                   help=f"torchdiffeq solver of the 'ode' samples ({per_data('solver')})")
+    p.add_argument("--ode-steps", type=int, default=argparse.SUPPRESS,
+                   help=f"steps of a fixed-step --solver ({per_data('ode_steps')})")
     args = p.parse_args(argv)
     for key, value in DEFAULTS["toys" if args.data in TOYS else args.data].items():
         vars(args).setdefault(key, value)

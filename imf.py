@@ -451,9 +451,11 @@ def plot_panels(path, title, panels, losses, metrics, labels=None):
 # --- config ---
 SCRIPT = os.path.splitext(os.path.basename(__file__))[0]
 DEFAULTS = {"toys": {"steps": 3600, "batch_size": 512, "lr": 5e-3, "channels": 32,
-                     "boundary_t": "logit-normal"},
-            "digits": {"steps": 4000, "batch_size": 128, "lr": 2e-3, "channels": 16, "boundary_t": "max"},
-            "mnist": {"steps": 20000, "batch_size": 128, "lr": 1e-3, "channels": 32, "boundary_t": "max"}}
+                     "boundary_t": "logit-normal", "n_eval": 2000},
+            "digits": {"steps": 4000, "batch_size": 128, "lr": 2e-3, "channels": 16, "boundary_t": "max",
+                       "n_eval": 2000},
+            "mnist": {"steps": 5000, "batch_size": 64, "lr": 1e-3, "channels": 16, "boundary_t": "max",
+                      "n_eval": 1000}}
 POSITIVE = ["steps", "batch_size", "lr", "channels", "ckpt_every", "n_eval", "guidance"]
 FRACTIONS = ["label_drop", "boundary_frac", "r0_frac"]
 
@@ -479,8 +481,8 @@ def get_args(argv=None):
     p.add_argument("--out", default=os.path.join("outputs", SCRIPT), help="output folder")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.add_argument("--ckpt-every", type=int, default=2000, help="checkpoint interval in steps")
-    p.add_argument("--n-eval", type=int, default=2000,
-                   help="samples to evaluate (images: at most the held-out set)")
+    p.add_argument("--n-eval", type=int, default=argparse.SUPPRESS,
+                   help=f"samples to evaluate, at most the held-out set ({per_data('n_eval')})")
     p.add_argument("--cond", action="store_true", help=f"class-conditional ({', '.join(N_CLASSES)})")
     p.add_argument("--label-drop", type=float, default=0.1, help="with --cond: share of labels dropped")
     p.add_argument("--guidance", type=float, default=1.0, help="with --cond: classifier-free guidance weight "

@@ -432,9 +432,12 @@ def plot_panels(path, title, panels, losses, metrics, labels=None):
 
 # --- config ---
 SCRIPT = os.path.splitext(os.path.basename(__file__))[0]
-DEFAULTS = {"toys": {"steps": 4000, "batch_size": 512, "lr": 5e-3, "channels": 32},
-            "digits": {"steps": 4000, "batch_size": 128, "lr": 2e-3, "channels": 16},
-            "mnist": {"steps": 20000, "batch_size": 128, "lr": 1e-3, "channels": 32}}
+DEFAULTS = {"toys": {"steps": 4000, "batch_size": 512, "lr": 5e-3, "channels": 32, "n_eval": 2000,
+                     "ode_steps": 100},
+            "digits": {"steps": 4000, "batch_size": 128, "lr": 2e-3, "channels": 16, "n_eval": 2000,
+                       "ode_steps": 100},
+            "mnist": {"steps": 6000, "batch_size": 64, "lr": 2e-3, "channels": 16, "n_eval": 1000,
+                      "ode_steps": 16}}
 POSITIVE = ["steps", "batch_size", "lr", "channels", "ckpt_every", "n_eval", "guidance", "ode_steps"]
 FRACTIONS = ["label_drop"]
 
@@ -460,15 +463,16 @@ def get_args(argv=None):
     p.add_argument("--out", default=os.path.join("outputs", SCRIPT), help="output folder")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.add_argument("--ckpt-every", type=int, default=2000, help="checkpoint interval in steps")
-    p.add_argument("--n-eval", type=int, default=2000,
-                   help="samples to evaluate (images: at most the held-out set)")
+    p.add_argument("--n-eval", type=int, default=argparse.SUPPRESS,
+                   help=f"samples to evaluate, at most the held-out set ({per_data('n_eval')})")
     p.add_argument("--cond", action="store_true", help=f"class-conditional ({', '.join(N_CLASSES)})")
     p.add_argument("--label-drop", type=float, default=0.1, help="with --cond: share of labels dropped")
     p.add_argument("--guidance", type=float, default=1.0, help="with --cond: classifier-free guidance weight "
                    "(1: none), at sampling: two network evaluations a step")
     p.add_argument("--source", default="gaussian", choices=["gaussian"] + TOYS,
                    help="source distribution at t = 1 (a toy: distribution-to-distribution transfer)")
-    p.add_argument("--ode-steps", type=int, default=100, help="Euler steps of the ODE that 'ode' samples")
+    p.add_argument("--ode-steps", type=int, default=argparse.SUPPRESS,
+                   help=f"Euler steps of the ODE that 'ode' samples ({per_data('ode_steps')})")
     args = p.parse_args(argv)
     for key, value in DEFAULTS["toys" if args.data in TOYS else args.data].items():
         vars(args).setdefault(key, value)

@@ -428,6 +428,10 @@ def test_help_shows_the_defaults_per_dataset_and_works_under_python_OO(capsys):
         assert f"{steps['mnist']['steps']} on mnist" in printed
         args = mods[script].get_args(["--data", "digits", "--lr", "0.01"])
         assert args.steps == steps["digits"]["steps"] and args.lr == 0.01     # a flag given always wins
+    mnist = [mods[script].get_args(["--data", "mnist"]) for script in SCRIPTS]   # the laptop CPU command
+    assert {(a.channels, a.batch_size, a.n_eval) for a in mnist} == {(16, 64, 1000)}
+    assert all(a.steps <= 6000 and getattr(a, "reflow_steps", 0) <= 5000 for a in mnist)
+    assert mods["fm"].get_args(["--data", "mnist"]).solver == "midpoint"              # not dopri5's 280 NFE
 
 
 def test_unreadable_and_mismatched_files_are_one_line_errors(tmp_path):
@@ -636,8 +640,9 @@ def test_benchmarks_run(tmp_path, capsys):
     run("reflow", tmp_path / "rf", "--steps", "20", "--reflow-steps", "5", "--n-pairs", "32",
         "--n-eval", "50")
     pairs_cost = importlib.import_module("pairs_ode_cost")
-    rows = pairs_cost.main([str(tmp_path / "rf" / "stage1.pt"), "--n", "8"])
-    assert len(rows) == len(pairs_cost.SOLVERS) and rows["dopri5 tol 1e-05"]["rms"] == 0
+    rows = pairs_cost.main([str(tmp_path / "rf" / "stage1.pt"), "--n", "8", "--chunks", "4,8"])
+    assert len(rows) == len(pairs_cost.SOLVERS) + 2 and rows["dopri5 tol 1e-05"]["rms"] == 0
+    assert len(rows["chunk 4"]) == 2 and all(s > 0 for s in rows["chunk 8"])
     assert rows["euler, 8 steps"]["nfe"] == 8 and rows["rk4, 8 steps"]["nfe"] == 32
     assert rows["rk4, 8 steps"]["rms"] < rows["euler, 8 steps"]["rms"] < 1      # a higher order: closer
     recipe = importlib.import_module("imf_paper_recipe")

@@ -5,6 +5,8 @@ those of dopri5 at rtol = atol = 1e-5 (reflow.py on toys and digits; on mnist it
 
     python reflow.py --data mnist --cond --guidance 2 --out outputs/reflow_mnist     # makes stage1.pt
     python benchmarks/pairs_ode_cost.py outputs/reflow_mnist/stage1.pt --guidance 2 --n 200
+    python benchmarks/pairs_ode_cost.py outputs/reflow_mnist/stage1.pt --guidance 2 --n 1024 --solvers 0 \
+        --chunks 64,256,1024                                # the ODE's batch size (reflow.py: 256 on mnist)
 
 It imports reflow.py (the scripts themselves import nothing from each other)."""
 import argparse
@@ -41,6 +43,8 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=200, help="pairs to simulate per solver")
     p.add_argument("--guidance", type=float, default=1.0, help="guidance weight (needs a --cond stage 1)")
     p.add_argument("--solvers", type=int, default=len(SOLVERS), help="only the first N solvers")
+    p.add_argument("--chunks", default="", help="also time reflow.make_pairs with these chunk sizes (comma "
+                   "separated; 16 midpoint steps, two alternating rounds); 0 times nothing more")
     args = p.parse_args(argv)
     saved = torch.load(args.stage1, map_location="cpu", weights_only=True)
     config = saved["config"]
@@ -64,6 +68,16 @@ def main(argv=None):
         rows[name] = {"nfe": nfe, "seconds_per_1000": round(seconds, 2), "rms": round(rms, 4)}
         print(f"{name:>20}: {nfe:4d} NFE, {seconds:7.1f} s per 1000 pairs, RMS to dopri5 1e-5 {rms:.4f}",
               flush=True)
+    chunks = [int(c) for c in args.chunks.split(",") if c.strip() and int(c) > 0]
+    for rnd in range(2 if chunks else 0):                   # batch size of the ODE: CPUs differ
+        for chunk in chunks:
+            t0 = time.perf_counter()
+            reflow.make_pairs(model, args.n, data.shape, 1, n_classes=n_classes, w=args.guidance, steps=16,
+                              chunk=chunk)
+            seconds = (time.perf_counter() - t0) * 1000 / args.n
+            rows.setdefault(f"chunk {chunk}", []).append(round(seconds, 2))
+            print(f"round {rnd + 1}, 16 midpoint steps, chunks of {chunk:5d}: {seconds:7.1f} s per 1000 "
+                  "pairs", flush=True)
     return rows
 
 
