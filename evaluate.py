@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 
 class RunError(Exception):
-    """A problem the user can fix (a file, a device, a download, a diverged loss): main prints one line."""
+    """A problem the user can fix (a file, a device, the data, a diverged loss): main prints one line."""
 
 
 def load_images(name, data_dir):

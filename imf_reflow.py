@@ -186,8 +186,7 @@ def pair_batches(x_hat, e, labels, n, seed):
 
 # --- model ---
 class TimeEmbedding(nn.Module):
-    """Sinusoidal embedding of a time in [0, 1] at low frequencies (1 to max_freq rad): iMF differentiates
-    the network in t, and frequencies up to 30 rad made its one-step samples worse."""
+    """Sinusoidal embedding of t in [0, 1] at low frequencies, 1 to max_freq rad (higher ones hurt iMF)."""
 
     def __init__(self, dim=64, max_freq=2.0):
         super().__init__()
@@ -199,7 +198,7 @@ class TimeEmbedding(nn.Module):
 
 
 def embed_inputs(net, times, labels):
-    """The embeddings of the times and, for a class-conditional net, of the labels (None: "no label")."""
+    """The times' embeddings and, if the net is class-conditional, the labels' (None: "no label")."""
     parts = [net.embed(t) for t in times]
     if net.n_classes:
         no_label = torch.full_like(times[0], net.n_classes, dtype=torch.long)
@@ -232,8 +231,8 @@ class ResMLP(nn.Module):
 
 
 class SmallUNet(nn.Module):
-    """U-Net for images (C, H, W): forward(z, *times, labels=None). Full and half resolution (ch, 2 ch
-    channels), and a quarter one (4 ch) if H and W are multiples of 4, at least 16: it sees a whole digit."""
+    """U-Net for images (C, H, W): forward(z, *times, labels=None). Full and half resolution (ch, 2 ch),
+    and a quarter one (4 ch) if H and W are multiples of 4, at least 16, to see a whole digit."""
 
     def __init__(self, shape, n_times=1, ch=32, n_classes=0, emb=64):
         super().__init__()
@@ -278,7 +277,7 @@ def make_model(shape, n_times, channels=32, n_classes=0):
 
 # --- data ---
 class RunError(Exception):
-    """A problem the user can fix (a file, a device, a download, a diverged loss): main prints one line."""
+    """A problem the user can fix (a file, a device, the data, a diverged loss): main prints one line."""
 
 
 TOYS = ["moons", "8gaussians", "checkerboard", "spirals", "circles"]
@@ -289,7 +288,7 @@ TOY_CENTER_SCALE = {"moons": ([0.5, 0.25], [0.87, 0.5]), "8gaussians": ([0, 0], 
 
 
 def toy_points(name, n, rng):
-    """n points of a 2D toy, drawn with the numpy Generator rng, and their labels (moon, arm, Gaussian...)."""
+    """n points of a 2D toy, drawn with the numpy Generator rng, and their labels (moon, arm, ...)."""
     from sklearn.datasets import make_circles, make_moons
     if name == "moons":
         return make_moons(n, noise=0.05, random_state=int(rng.integers(2**31)))
@@ -328,8 +327,8 @@ def load_images(name, data_dir):
 
 
 class Data:
-    """Training batches in model coordinates (toys scaled to about mean 0, variance 1; images in [-1, 1]), and
-    held-out samples, their labels and for toys a second real set (the W2 floor's) in data coordinates."""
+    """Training batches in model coordinates (toys about mean 0, variance 1; images in [-1, 1]); held-out
+    samples, their labels and for toys a second real set (the W2 floor's), in data coordinates."""
 
     def __init__(self, name, data_dir, seed, device, n_eval):
         self.name, self.data_dir, self.seed, self.device = name, data_dir, seed, device
@@ -350,8 +349,8 @@ class Data:
         self.labels, self.shape = torch.as_tensor(labels).long().to(device), tuple(self.train.shape[1:])
 
     def batches(self, n, label_drop=None):
-        """Endless batches (x, e, labels) on the device: data, noise e ~ N(0, I) and the labels (None unless
-        label_drop, the share of labels replaced by "no label", is given)."""
+        """Endless batches (x, e, labels): data, noise e ~ N(0, I), labels (None unless label_drop is
+        given, the share of them replaced by "no label")."""
         while True:
             i = torch.from_numpy(self.rng.integers(len(self.train), size=n)).to(self.device)
             x, y = self.train[i], self.labels[i]
@@ -361,7 +360,7 @@ class Data:
             yield x, e, None if label_drop is None else y
 
     def to_data(self, x):
-        """Model coordinates -> data coordinates (toy units, images in [0, 1]), as a numpy array."""
+        """Model coordinates -> data coordinates (toy units, images in [0, 1]), in numpy."""
         x = x.detach().float().cpu() * self.scale + self.center
         return (x if self.shape == (2,) else x.clamp(0, 1)).numpy()
 
@@ -383,7 +382,7 @@ def save_checkpoint(path, state):
 
 
 def load_saved(path, config):
-    """The dict saved at path (None if there is none) and the settings where its config and this differ."""
+    """The dict saved at path (None if none) and the settings where its config and this one differ."""
     if not os.path.exists(path):
         return None, ""
     try:
@@ -396,20 +395,16 @@ def load_saved(path, config):
 
 
 def train(model, loss_fn, batches, steps, lr, path, config, ckpt=None, ckpt_every=2000, desc=None):
-    """Adam on loss_fn(model, x, e, labels) with warm-up and cosine lr, and an EMA of the weights to sample
-    from. Continues from ckpt if given; saves to path every ckpt_every steps, at the end and on Ctrl-C."""
+    """Adam on loss_fn(model, x, e, labels), warm-up and cosine lr, an EMA of the weights to sample from.
+    Continues from ckpt if given; saves to path every ckpt_every steps, at the end and on Ctrl-C."""
     opt = torch.optim.Adam(model.parameters(), lr=lr, foreach=True)
     ema = copy.deepcopy(model).requires_grad_(False)
     losses, interrupted = [], False                         # one loss per step done
     if ckpt is not None:
-        try:
-            model.load_state_dict(ckpt["model"])
-            ema.load_state_dict(ckpt["ema"])
-            opt.load_state_dict(ckpt["optimizer"])
-            losses = ckpt["losses"]
-        except (KeyError, RuntimeError, ValueError) as err:     # made by another version of the network
-            raise RunError(f"{path} does not fit this network ({type(err).__name__}): delete it or use "
-                           "another --out") from None
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["optimizer"])
+        losses = ckpt["losses"]
 
     def save():
         save_checkpoint(path, {"model": model.state_dict(), "ema": ema.state_dict(), "step": len(losses),
@@ -458,8 +453,8 @@ def w2_distance(a, b):
 
 
 def eval_noise(data, seed, device):
-    """Noise for the evaluation samples: N(0, I), but quasi-random (scrambled Sobol points) for moons and
-    circles, whose real sets split exactly between two curves, as i.i.d. noise would not (W2 counts that)."""
+    """Evaluation noise: N(0, I), but quasi-random (scrambled Sobol) for moons and circles, whose real sets
+    split exactly between two curves, as i.i.d. noise would not (W2 counts that)."""
     n = len(data.heldout)
     if data.name not in ("moons", "circles"):
         return torch.randn(n, *data.shape, generator=torch.Generator().manual_seed(seed)).to(device)
@@ -468,7 +463,7 @@ def eval_noise(data, seed, device):
 
 
 def report_w2(samples, data):
-    """Print and return each sampler's W2 to the held-out set, and the floor: the W2 of two real sets."""
+    """Print and return each sampler's W2 to the held-out set and the floor, the W2 of two real sets."""
     floor = w2_distance(data.floor, data.heldout)
     metrics = {"w2_floor": round(floor, 5)}
     for key, x in samples.items():
@@ -479,8 +474,8 @@ def report_w2(samples, data):
 
 
 def save_results(out, samples, data, metrics, labels=None):
-    """samples.npz (the samples, `real`, toys' `floor` set, the `labels` asked for, and for evaluate.py the
-    `data` name, `data_dir` and `seed`) and metrics.json."""
+    """samples.npz (the samples, `real`, toys' `floor`, the `labels` asked for; for evaluate.py `data`,
+    `data_dir`, `seed`) and metrics.json."""
     extra = {"floor": data.floor} if data.shape == (2,) else {}
     extra.update({} if labels is None else {"labels": labels})
     np.savez(os.path.join(out, "samples.npz"), **samples, **extra, real=data.heldout, data=data.name,
@@ -502,14 +497,13 @@ def image_grid(x, labels=None, n=8):
 
 
 def plot_panels(path, title, panels, losses, metrics, labels=None):
-    """Save a figure: a panel per (name, array), the first the real data, then the losses {name: list}.
-    2D points are coloured by the labels asked for; (N, K, 2) arrays are paths from t = 1 to t = 0."""
+    """A figure: a panel per (name, array), the first the real data, then the losses {name: list}. 2D
+    points are coloured by the labels asked for; (N, K, 2) arrays are paths from t = 1 to t = 0."""
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, len(panels) + 1, figsize=(3.2 * (len(panels) + 1), 3.4))
     for i, (ax, (name, x)) in enumerate(zip(axes, panels)):
         ratio = metrics.get(f"w2_ratio_{name}")
-        ax.set_title(name + (" paths" if x.ndim == 3 else "") + (f": W2 {ratio:.2f}x floor" if ratio else ""),
-                     fontsize=9)
+        ax.set_title(name + (f": W2 {ratio:.2f}x floor" if ratio else ""), fontsize=9)
         if x.ndim == 3:                                     # paths: noise (green) to sample (black)
             ax.plot(x[..., 0].T, x[..., 1].T, color="gray", lw=0.4, alpha=0.5)
             ax.scatter(*x[:, 0].T, s=2, color="C2")
@@ -525,8 +519,7 @@ def plot_panels(path, title, panels, losses, metrics, labels=None):
     for name, curve in losses.items():                      # one stage after another
         axes[-1].plot(range(start, start + len(curve)), curve, lw=0.5, label=name)
         start += len(curve)
-    axes[-1].set_yscale("log")
-    axes[-1].set_title("training loss", fontsize=9)
+    axes[-1].set(yscale="log", title="training loss")
     axes[-1].legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -547,40 +540,36 @@ POSITIVE = ["steps", "batch_size", "lr", "channels", "ckpt_every", "n_eval", "gu
 FRACTIONS = ["label_drop", "boundary_frac", "r0_frac"]
 
 
-def per_data(key):
-    return "default: " + ", ".join(f"{d[key]} on {name}" for name, d in DEFAULTS.items())
-
-
 def get_args(argv=None):
+    per_data = "; ".join(f"{name}: " + ", ".join(f"{k}={v}" for k, v in d.items())
+                         for name, d in DEFAULTS.items())
     p = argparse.ArgumentParser(description="improved MeanFlow on a reflow coupling.",
+                                epilog=f"defaults per dataset: {per_data}",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    data_default = argparse.SUPPRESS                        # from DEFAULTS, for the --data given
     p.add_argument("--data", default="moons", choices=TOYS + ["digits", "mnist"], help="dataset")
     p.add_argument("--data-dir", default="data", help="where MNIST is stored or downloaded to")
-    p.add_argument("--steps", type=int, default=argparse.SUPPRESS,
-                   help=f"training steps of stage 1 ({per_data('steps')})")
-    p.add_argument("--batch-size", type=int, default=argparse.SUPPRESS,
-                   help=f"batch size ({per_data('batch_size')})")
-    p.add_argument("--lr", type=float, default=argparse.SUPPRESS, help=f"learning rate ({per_data('lr')})")
-    p.add_argument("--channels", type=int, default=argparse.SUPPRESS,
-                   help=f"base channels of the image U-Net ({per_data('channels')})")
+    p.add_argument("--steps", type=int, default=data_default, help="training steps of stage 1")
+    p.add_argument("--batch-size", type=int, default=data_default, help="batch size")
+    p.add_argument("--lr", type=float, default=data_default, help="learning rate")
+    p.add_argument("--channels", type=int, default=data_default, help="base channels of the image U-Net")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="device")
     p.add_argument("--seed", type=int, default=0, help="random seed (0 or more)")
     p.add_argument("--out", default=os.path.join("outputs", SCRIPT), help="output folder")
     p.add_argument("--resume", action="store_true", help="continue an interrupted stage")
     p.add_argument("--ckpt-every", type=int, default=2000, help="checkpoint interval in steps")
-    p.add_argument("--n-eval", type=int, default=argparse.SUPPRESS,
-                   help=f"samples to evaluate, at most the held-out set ({per_data('n_eval')})")
+    p.add_argument("--n-eval", type=int, default=data_default,
+                   help="samples to evaluate, at most the held-out set")
     p.add_argument("--cond", action="store_true", help=f"class-conditional ({', '.join(N_CLASSES)})")
     p.add_argument("--label-drop", type=float, default=0.1, help="with --cond: share of labels dropped")
     p.add_argument("--guidance", type=float, default=1.0, help="with --cond: classifier-free guidance weight "
                    "(1: none), in the teacher (its ODE, or --teacher imf's target) and so in the pairs")
-    p.add_argument("--reflow-steps", type=int, default=argparse.SUPPRESS,
-                   help=f"training steps of stage 2 ({per_data('reflow_steps')})")
-    p.add_argument("--n-pairs", type=int, default=argparse.SUPPRESS,
-                   help=f"pairs (x_hat, e) simulated from the teacher ({per_data('n_pairs')})")
+    p.add_argument("--reflow-steps", type=int, default=data_default, help="training steps of stage 2")
+    p.add_argument("--n-pairs", type=int, default=data_default,
+                   help="pairs (x_hat, e) simulated from the teacher")
     p.add_argument("--tol", type=float, default=1e-5, help="dopri5's relative and absolute tolerance")
-    p.add_argument("--ode-steps", type=int, default=argparse.SUPPRESS, help="the pairs' and 'ode' samples' "
-                   f"ODE: 0 dopri5, N > 0 N midpoint steps ({per_data('ode_steps')})")
+    p.add_argument("--ode-steps", type=int, default=data_default,
+                   help="the ODE of the pairs and 'ode' samples: 0 dopri5, N > 0 N midpoint steps")
     p.add_argument("--teacher", default="fm", choices=["fm", "imf"], help="stage 1: flow matching or iMF")
     p.add_argument("--boundary-frac", type=float, default=0.7, help="share of each iMF batch with r = t")
     p.add_argument("--r0-frac", type=float, default=0.2, help="share with r = 0, the one-step corner's slice")
@@ -616,46 +605,44 @@ def file_hash(path):
         return hashlib.sha256(f.read()).hexdigest()[:16]
 
 
-def train_stage(name, model, loss_fn, batches, steps, config, args):
-    """Train a stage into --out/<name>.pt: reuse the file if it was finished with this config (the settings
-    and the hash of the file it was made from), continue it with --resume, else train anew after a note."""
+def saved_file(name, config, args):
+    """--out/<name>.pt and its contents if it was made with this config (the settings and the hash of the
+    file it was made from), else None after a one-line note; --resume never goes on with other settings."""
     path = os.path.join(args.out, f"{name}.pt")
-    ckpt, diff = load_saved(path, config)
+    saved, diff = load_saved(path, config)
     if diff and args.resume:
-        raise RunError(f"{path} was made with other settings or files ({diff}): drop --resume or use another "
-                       "--out")
+        raise RunError(f"{path} was made with other settings or files ({diff}): drop --resume")
     if diff:
-        print(f"note: {path} was made with other settings or files ({diff}); training it again")
-        ckpt = None
-    elif ckpt is not None and ckpt["step"] < steps and not args.resume:
+        print(f"note: {path} was made with other settings or files ({diff}); making it again")
+    return path, None if diff else saved
+
+
+def train_stage(name, model, loss_fn, batches, steps, config, args):
+    """Train a stage into --out/<name>.pt: reuse it if finished with this config, go on with --resume."""
+    path, ckpt = saved_file(name, config, args)
+    if ckpt is not None and ckpt["step"] >= steps:
+        print(f"[{name}] reusing {path}, made with these settings from the same files")
+    elif ckpt is not None and not args.resume:
         print(f"note: {path} stopped at step {ckpt['step']}; training it again (--resume continues it)")
         ckpt = None
-    elif ckpt is not None and ckpt["step"] >= steps:
-        print(f"[{name}] reusing {path}, made with these settings from the same files")
     return train(model, loss_fn, batches, steps, args.lr, path, config, ckpt, args.ckpt_every, name)
 
 
 def get_pairs(k, model, w, args, shape, n_classes):
-    """The pairs of stage k: --out/pairs<k>.pt if made with these settings from this very stage file, else
-    simulated by the stage's ODE (guided with w) and saved there."""
-    path = os.path.join(args.out, f"pairs{k}.pt")
+    """The pairs of stage k, from --out/pairs<k>.pt if made with these settings from this very stage file,
+    else simulated by the stage's ODE (guided with w) and saved there."""
     config = {"n_pairs": args.n_pairs, "tol": args.tol, "ode_steps": args.ode_steps, "seed": args.seed,
               "guidance": w, "made_from": file_hash(os.path.join(args.out, f"stage{k}.pt"))}
-    pairs, diff = load_saved(path, config)
-    if diff:
-        print(f"note: {path} was made with other settings or files ({diff}); simulating it again")
-    if pairs is None or diff:
+    path, pairs = saved_file(f"pairs{k}", config, args)
+    if pairs is None:
         t0 = time.perf_counter()
-        seed = args.seed + 4000 + k
         chunk = 256 if args.data == "mnist" else 4096        # on a CPU big image batches cost 3x more
-        x_hat, e, labels, nfe = make_pairs(model, args.n_pairs, shape, seed, args.tol, n_classes, w,
-                                           args.ode_steps, chunk)
+        x_hat, e, labels, nfe = make_pairs(model, args.n_pairs, shape, args.seed + 4000 + k, args.tol,
+                                           n_classes, w, args.ode_steps, chunk)
         pairs = {"x_hat": x_hat, "e": e, "labels": labels, "nfe": nfe, "config": config,
                  "seconds": round(time.perf_counter() - t0, 2)}
         save_checkpoint(path, pairs)
-        solver = f"{args.ode_steps} midpoint steps" if args.ode_steps else "dopri5"
-        print(f"[pairs{k}] {args.n_pairs} pairs by {solver}: {nfe} network evaluations a pair, "
-              f"{pairs['seconds']} s")
+        print(f"[pairs{k}] {args.n_pairs} pairs: {nfe} network evaluations a pair, {pairs['seconds']} s")
     return pairs
 
 
