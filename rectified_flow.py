@@ -399,7 +399,8 @@ def plot_panels(path, title, panels, losses, metrics, labels=None):
     fig, axes = plt.subplots(1, len(panels) + 1, figsize=(3.2 * (len(panels) + 1), 3.4))
     for i, (ax, (name, x)) in enumerate(zip(axes, panels)):
         ratio = metrics.get(f"w2_ratio_{name}")
-        ax.set_title(name + (f": W2 {ratio:.2f}x floor" if ratio else ""), fontsize=9)
+        name += " paths" if x.ndim == 3 else f": W2 {ratio:.2f}x floor" if ratio else ""
+        ax.set_title(name, fontsize=9)
         if x.ndim == 3:                                     # paths: noise (green) to sample (black)
             ax.plot(x[..., 0].T, x[..., 1].T, color="gray", lw=0.4, alpha=0.5)
             ax.scatter(*x[:, 0].T, s=2, color="C2")
