@@ -82,7 +82,7 @@ def straightness(model, e, steps=100, labels=None, w=1.0):
 
 # --- model ---
 class TimeEmbedding(nn.Module):
-    """Sinusoidal embedding of t in [0, 1] at low frequencies, 1 to max_freq rad (higher ones hurt iMF)."""
+    """sin and cos of t at low frequencies, 1 to max_freq rad (higher ones hurt iMF)."""
 
     def __init__(self, dim=64, max_freq=2.0):
         super().__init__()
@@ -94,7 +94,7 @@ class TimeEmbedding(nn.Module):
 
 
 def embed_inputs(net, times, labels):
-    """The times' embeddings and, if the net is class-conditional, the labels' (None: "no label")."""
+    """The times' embeddings and, for a class-conditional net, the labels' (None: "no label")."""
     parts = [net.embed(t) for t in times]
     if net.n_classes:
         no_label = torch.full_like(times[0], net.n_classes, dtype=torch.long)
@@ -127,8 +127,7 @@ class ResMLP(nn.Module):
 
 
 class SmallUNet(nn.Module):
-    """U-Net for images (C, H, W): forward(z, *times, labels=None). Full and half resolution (ch, 2 ch),
-    and a quarter one (4 ch) if H and W are multiples of 4, at least 16, to see a whole digit."""
+    """U-Net for images: forward(z, *times, labels=None); a 4 ch quarter level if H, W are 16, 20, 24, ..."""
 
     def __init__(self, shape, n_times=1, ch=32, n_classes=0, emb=64):
         super().__init__()
@@ -167,7 +166,7 @@ class SmallUNet(nn.Module):
 
 
 def make_model(shape, n_times, channels=32, n_classes=0):
-    """ResMLP for 2D points, SmallUNet for images; n_times time inputs; n_classes > 0: class-conditional."""
+    """ResMLP for 2D points, SmallUNet for images; n_classes > 0: class-conditional."""
     return ResMLP(n_times, n_classes) if shape == (2,) else SmallUNet(shape, n_times, channels, n_classes)
 
 
@@ -223,30 +222,27 @@ def load_images(name, data_dir):
 
 
 class Data:
-    """Training batches in model coordinates (toys about mean 0, variance 1; images in [-1, 1]); held-out
-    samples, their labels and for toys a second real set (the W2 floor's), in data coordinates."""
+    """Training data in model coordinates (mean about 0, variance 1; images in [-1, 1]); held-out data."""
 
     def __init__(self, name, data_dir, seed, device, n_eval):
         self.name, self.data_dir, self.seed, self.device = name, data_dir, seed, device
-        self.n_classes = N_CLASSES.get(name, 0)
-        self.rng = np.random.default_rng(seed)
+        self.n_classes, self.rng = N_CLASSES.get(name, 0), np.random.default_rng(seed)
         if name in TOYS:                                    # batches come from a pool of 65,536 points
             train, labels = toy_points(name, 2**16, self.rng)
-            heldout, self.heldout_labels = toy_points(name, n_eval, np.random.default_rng(seed + 1000))
-            self.heldout = heldout.astype(np.float32)
+            heldout, heldout_labels = toy_points(name, n_eval, np.random.default_rng(seed + 1000))
             self.floor = toy_points(name, n_eval, np.random.default_rng(seed + 2000))[0].astype(np.float32)
             center, scale = TOY_CENTER_SCALE[name]
         else:
             train, labels, heldout, heldout_labels = load_images(name, data_dir)
-            self.heldout, self.heldout_labels = heldout[:n_eval].numpy(), heldout_labels[:n_eval].numpy()
             center, scale = 0.5, 0.5
+        self.heldout = np.asarray(heldout[:n_eval], dtype=np.float32)
+        self.heldout_labels = np.asarray(heldout_labels[:n_eval])
         self.center, self.scale = (torch.tensor(v, dtype=torch.float32) for v in (center, scale))
         self.train = ((torch.as_tensor(train, dtype=torch.float32) - self.center) / self.scale).to(device)
         self.labels, self.shape = torch.as_tensor(labels).long().to(device), tuple(self.train.shape[1:])
 
     def batches(self, n, label_drop=None):
-        """Endless batches (x, e, labels): data, noise e ~ N(0, I), labels (None unless label_drop is
-        given, the share of them replaced by "no label")."""
+        """Endless (x, e, labels): labels None unless label_drop, the share set to "no label"."""
         while True:
             i = torch.from_numpy(self.rng.integers(len(self.train), size=n)).to(self.device)
             x, y = self.train[i], self.labels[i]
@@ -256,7 +252,7 @@ class Data:
             yield x, e, None if label_drop is None else y
 
     def to_data(self, x):
-        """Model coordinates -> data coordinates (toy units, images in [0, 1]), in numpy."""
+        """Model coordinates to data coordinates, in numpy."""
         x = x.detach().float().cpu() * self.scale + self.center
         return (x if self.shape == (2,) else x.clamp(0, 1)).numpy()
 
@@ -272,27 +268,31 @@ def pick_device(name):
 
 
 def save_checkpoint(path, state):
-    """Write atomically, to a temporary file and then os.replace: never a half-written file."""
+    """Write to a temporary file, then os.replace it: never a half-written file."""
     torch.save(state, f"{path}.{os.getpid()}.tmp")
     os.replace(f"{path}.{os.getpid()}.tmp", path)
 
 
-def load_saved(path, config):
-    """The dict saved at path (None if none) and the settings where its config and this one differ."""
+def load_saved(path, config, resume):
+    """The dict saved at path if made with this config, else None after a note (with resume: an error)."""
     if not os.path.exists(path):
-        return None, ""
+        return None
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
         old = saved["config"]
     except Exception as err:
         raise RunError(f"cannot read {path} ({type(err).__name__}): delete it or use another --out") from None
-    keys = [k for k in {**old, **config} if old.get(k) != config.get(k)]
-    return saved, ", ".join(f"{k}: {old.get(k)} there, {config.get(k)} here" for k in keys)
+    diff = ", ".join(f"{k}: {old.get(k)} there, {config.get(k)} here"
+                     for k in {**old, **config} if old.get(k) != config.get(k))
+    if diff and resume:
+        raise RunError(f"{path} was made with other settings ({diff}): drop --resume or use another --out")
+    if diff:
+        print(f"note: {path} was made with other settings ({diff}); making it again")
+    return None if diff else saved
 
 
-def train(model, loss_fn, batches, steps, lr, path, config, ckpt=None, ckpt_every=2000, desc=None):
-    """Adam on loss_fn(model, x, e, labels), warm-up and cosine lr, an EMA of the weights to sample from.
-    Continues from ckpt if given; saves to path every ckpt_every steps, at the end and on Ctrl-C."""
+def train(model, loss_fn, batches, steps, lr, path, config, ckpt=None, ckpt_every=2000, desc="training"):
+    """Adam, warm-up and cosine lr, an EMA to sample from; saves every ckpt_every steps and on Ctrl-C."""
     opt = torch.optim.Adam(model.parameters(), lr=lr, foreach=True)
     ema = copy.deepcopy(model).requires_grad_(False)
     losses, interrupted = [], False                         # one loss per step done
@@ -312,8 +312,7 @@ def train(model, loss_fn, batches, steps, lr, path, config, ckpt=None, ckpt_ever
             x, e, labels = next(batches)
             loss = loss_fn(model, x, e, labels)
             if not math.isfinite(loss.item()):              # stop before it reaches the weights
-                where = f"step {step + 1}" + (f" of {desc}" if desc else "")
-                raise RunError(f"the loss became non-finite at {where}; try a lower --lr")
+                raise RunError(f"the loss became non-finite at step {step + 1} of {desc}; try a lower --lr")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             warmup = min(1.0, (step + 1) / min(200, steps // 10 + 1))
@@ -349,8 +348,7 @@ def w2_distance(a, b):
 
 
 def eval_noise(data, seed, device):
-    """Evaluation noise: N(0, I), but quasi-random (scrambled Sobol) for moons and circles, whose real sets
-    split exactly between two curves, as i.i.d. noise would not (W2 counts that)."""
+    """N(0, I); quasi-random (Sobol) for moons and circles, whose real sets split evenly in two curves."""
     n = len(data.heldout)
     if data.name not in ("moons", "circles"):
         return torch.randn(n, *data.shape, generator=torch.Generator().manual_seed(seed)).to(device)
@@ -359,7 +357,7 @@ def eval_noise(data, seed, device):
 
 
 def report_w2(samples, data):
-    """Print and return each sampler's W2 to the held-out set and the floor, the W2 of two real sets."""
+    """Print and return each sampler's W2 to the held-out set, and the floor: the W2 of two real sets."""
     floor = w2_distance(data.floor, data.heldout)
     metrics = {"w2_floor": round(floor, 5)}
     for key, x in samples.items():
@@ -369,15 +367,18 @@ def report_w2(samples, data):
     return metrics
 
 
-def save_results(out, samples, data, metrics, labels=None):
-    """samples.npz (the samples, `real`, toys' `floor`, the `labels` asked for; for evaluate.py `data`,
-    `data_dir`, `seed`) and metrics.json."""
+def save_results(args, samples, data, metrics, labels=None):
+    """--out/samples.npz (samples, real set, labels: what evaluate.py needs), metrics.json (the numbers)."""
     extra = {"floor": data.floor} if data.shape == (2,) else {}
     extra.update({} if labels is None else {"labels": labels})
-    np.savez(os.path.join(out, "samples.npz"), **samples, **extra, real=data.heldout, data=data.name,
+    np.savez(os.path.join(args.out, "samples.npz"), **samples, **extra, real=data.heldout, data=data.name,
              data_dir=data.data_dir, seed=data.seed)
-    with open(os.path.join(out, "metrics.json"), "w") as f:
+    metrics["command"] = " ".join(["python", f"{SCRIPT}.py", *args.argv])
+    with open(os.path.join(args.out, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
+    print(f"wrote {args.out}: results.png, samples.npz, metrics.json and the checkpoints")
+    if data.shape != (2,):
+        print(f"score the images with: python evaluate.py {args.out}")
 
 
 def image_grid(x, labels=None, n=8):
@@ -393,15 +394,14 @@ def image_grid(x, labels=None, n=8):
 
 
 def plot_panels(path, title, panels, losses, metrics, labels=None):
-    """A figure: a panel per (name, array), the first the real data, then the losses {name: list}. 2D
-    points are coloured by the labels asked for; (N, K, 2) arrays are paths from t = 1 to t = 0."""
+    """A panel per (name, array), then the losses {stage: list}; an (N, K, 2) array: paths from t = 1 to 0."""
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, len(panels) + 1, figsize=(3.2 * (len(panels) + 1), 3.4))
     for i, (ax, (name, x)) in enumerate(zip(axes, panels)):
         ratio = metrics.get(f"w2_ratio_{name}")
         name += " paths" if x.ndim == 3 else f": W2 {ratio:.2f}x floor" if ratio else ""
         ax.set_title(name, fontsize=9)
-        if x.ndim == 3:                                     # paths: noise (green) to sample (black)
+        if x.ndim == 3:
             ax.plot(x[..., 0].T, x[..., 1].T, color="gray", lw=0.4, alpha=0.5)
             ax.scatter(*x[:, 0].T, s=2, color="C2")
             ax.scatter(*x[:, -1].T, s=2, color="k")
@@ -437,33 +437,28 @@ FRACTIONS = ["label_drop"]
 
 
 def get_args(argv=None):
-    per_data = "; ".join(f"{name}: " + ", ".join(f"{k}={v}" for k, v in d.items())
-                         for name, d in DEFAULTS.items())
+    epilog = "defaults per dataset: " + "; ".join(
+        f"{name}: " + ", ".join(f"{k}={v}" for k, v in d.items()) for name, d in DEFAULTS.items())
     p = argparse.ArgumentParser(description="1-Rectified Flow between two distributions.",
-                                epilog=f"defaults per dataset: {per_data}",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    data_default = argparse.SUPPRESS                        # from DEFAULTS, for the --data given
+                                epilog=epilog, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    per_data = argparse.SUPPRESS                            # from DEFAULTS, for the --data given
     p.add_argument("--data", default="moons", choices=TOYS + ["digits", "mnist"], help="dataset")
     p.add_argument("--data-dir", default="data", help="where MNIST is stored or downloaded to")
-    p.add_argument("--steps", type=int, default=data_default, help="training steps")
-    p.add_argument("--batch-size", type=int, default=data_default, help="batch size")
-    p.add_argument("--lr", type=float, default=data_default, help="learning rate")
-    p.add_argument("--channels", type=int, default=data_default, help="base channels of the image U-Net")
+    p.add_argument("--steps", type=int, default=per_data, help="training steps")
+    p.add_argument("--batch-size", type=int, default=per_data, help="batch size")
+    p.add_argument("--lr", type=float, default=per_data, help="learning rate")
+    p.add_argument("--channels", type=int, default=per_data, help="base channels of the image U-Net")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="device")
     p.add_argument("--seed", type=int, default=0, help="random seed (0 or more)")
     p.add_argument("--out", default=os.path.join("outputs", SCRIPT), help="output folder")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.add_argument("--ckpt-every", type=int, default=2000, help="checkpoint interval in steps")
-    p.add_argument("--n-eval", type=int, default=data_default,
-                   help="samples to evaluate, at most the held-out set")
+    p.add_argument("--n-eval", type=int, default=per_data, help="samples to evaluate (at most the held-out)")
     p.add_argument("--cond", action="store_true", help=f"class-conditional ({', '.join(N_CLASSES)})")
     p.add_argument("--label-drop", type=float, default=0.1, help="with --cond: share of labels dropped")
-    p.add_argument("--guidance", type=float, default=1.0, help="with --cond: classifier-free guidance weight "
-                   "(1: none), at sampling: two network evaluations a step")
-    p.add_argument("--source", default="gaussian", choices=["gaussian"] + TOYS,
-                   help="source distribution at t = 1 (a toy: distribution-to-distribution transfer)")
-    p.add_argument("--ode-steps", type=int, default=data_default,
-                   help="Euler steps of the ODE that 'ode' samples")
+    p.add_argument("--guidance", type=float, default=1.0, help="with --cond: classifier-free guidance weight")
+    p.add_argument("--source", default="gaussian", choices=["gaussian"] + TOYS, help="distribution at t = 1")
+    p.add_argument("--ode-steps", type=int, default=per_data, help="Euler steps of the 'ode' samples")
     args = p.parse_args(argv)
     for key, value in DEFAULTS["toys" if args.data in TOYS else args.data].items():
         vars(args).setdefault(key, value)
@@ -494,12 +489,9 @@ def run(args):
     source = None if args.source == "gaussian" else Data(args.source, args.data_dir, args.seed + 7, device,
                                                          args.n_eval)
     model = make_model(data.shape, 1, args.channels, data.n_classes if args.cond else 0).to(device)  # v(z, t)
-    keys = ["data", "data_dir", "channels", "cond", "label_drop"]
-    config = {"script": SCRIPT, **{k: vars(args)[k] for k in keys}, "source": args.source}
+    config = {k: vars(args)[k] for k in ["data", "data_dir", "channels", "cond", "label_drop", "source"]}
     path = os.path.join(args.out, "checkpoint.pt")
-    ckpt, diff = load_saved(path, config) if args.resume else (None, "")
-    if diff:
-        raise RunError(f"{path} was made with other settings ({diff}): drop --resume or use another --out")
+    ckpt = load_saved(path, config, resume=True) if args.resume else None
     if not args.resume and os.path.exists(path):
         print(f"note: training anew; {path} will be replaced (--resume continues it)")
     batches = coupling(data.batches(args.batch_size, args.label_drop if args.cond else None),
@@ -521,9 +513,8 @@ def run(args):
           f"{args.ode_steps} steps:")
     metrics = report_w2(samples, data) if data.shape == (2,) else {}
     print(f"straightness {S:.4f}, transport cost {C:.4f} (model coordinates)")
-    metrics.update(command=" ".join(["python", f"{SCRIPT}.py", *args.argv]), steps=info["steps"],
-                   train_seconds=info["train_seconds"], straightness=round(S, 5), transport_cost=round(C, 5))
-    save_results(args.out, samples, data, metrics, labels)
+    metrics.update(steps=info["steps"], train_seconds=info["train_seconds"], straightness=round(S, 5),
+                   transport_cost=round(C, 5))
     panels = [("real (held-out)", data.heldout), *samples.items()]
     if data.shape == (2,):
         panels.append(("ode", np.stack([data.to_data(z) for z in path[:, :300]], 1)))
@@ -531,9 +522,7 @@ def run(args):
     title += f", {info['steps']} steps: straightness {S:.3f}, transport cost {C:.3f}"
     plot_panels(os.path.join(args.out, "results.png"), title, panels, {"1-RF": info["losses"]}, metrics,
                 labels)
-    print(f"wrote {args.out}: results.png, samples.npz, metrics.json, checkpoint.pt")
-    if data.shape != (2,):
-        print(f"score the images with: python evaluate.py {args.out}")
+    save_results(args, samples, data, metrics, labels)
     if info["interrupted"]:
         raise KeyboardInterrupt
     return metrics
