@@ -4,7 +4,7 @@ Lipman et al., "Flow Matching for Generative Modeling" (ICLR 2023), with the col
 data x at t = 0, noise e ~ N(0, I) at t = 1 (the paper puts noise at t = 0: its t is our 1 - t).
   path      z_t = (1 - t) x + (sigma_min + (1 - sigma_min) t) e,  t ~ U(0, 1)
   loss      || v_theta(z_t, t) - dz_t/dt ||^2,  dz_t/dt = (1 - sigma_min) e - x
-  sampling  dz/dt = v_theta(z, t) from t = 1 to 0: Euler by hand, or torchdiffeq (euler, midpoint, rk4, dopri5)
+  sampling  dz/dt = v_theta(z, t) from t = 1 to 0: Euler by hand, or torchdiffeq (midpoint, rk4, dopri5, ...)
   guidance  --cond --guidance W: v(no label) + W (v(label) - v(no label)), two network evaluations a step
 Departure from the paper: small networks with a low-frequency time embedding.
 

@@ -120,12 +120,13 @@ def make_pairs(model, n, shape, seed, tol=1e-5, n_classes=0, w=1.0, steps=0, chu
     return torch.cat(x_hat), e, labels, nfe
 
 
-def pair_batches(x_hat, e, labels, n, seed):
-    """Endless batches (x_hat, e, labels) of random pairs: what a reflow stage trains on."""
+def pair_batches(pairs, n, seed, device):
+    """Endless batches (x_hat, e, labels) of random pairs, on the device: what a reflow stage trains on."""
     rng = np.random.default_rng(seed)
     while True:
-        i = torch.from_numpy(rng.integers(len(x_hat), size=n)).to(x_hat.device)
-        yield x_hat[i], e[i], None if labels is None else labels[i]
+        i = torch.from_numpy(rng.integers(len(pairs["e"]), size=n))
+        labels = None if pairs["labels"] is None else pairs["labels"][i].to(device)
+        yield pairs["x_hat"][i].to(device), pairs["e"][i].to(device), labels
 
 
 # --- model ---
@@ -544,21 +545,10 @@ def file_hash(path):
         return hashlib.sha256(f.read()).hexdigest()[:16]
 
 
-def saved_file(name, config, args):
-    """--out/<name>.pt and its contents if it was made with this config (the settings and the hash of the
-    file it was made from), else None after a one-line note; --resume never goes on with other settings."""
-    path = os.path.join(args.out, f"{name}.pt")
-    saved, diff = load_saved(path, config)
-    if diff and args.resume:
-        raise RunError(f"{path} was made with other settings or files ({diff}): drop --resume")
-    if diff:
-        print(f"note: {path} was made with other settings or files ({diff}); making it again")
-    return path, None if diff else saved
-
-
 def train_stage(name, model, loss_fn, batches, steps, config, args):
-    """Train a stage into --out/<name>.pt: reuse it if finished with this config, go on with --resume."""
-    path, ckpt = saved_file(name, config, args)
+    """Train --out/<name>.pt, or reuse it if it was finished with this config (settings, upstream file)."""
+    path = os.path.join(args.out, f"{name}.pt")
+    ckpt = load_saved(path, config, args.resume)
     if ckpt is not None and ckpt["step"] >= steps:
         print(f"[{name}] reusing {path}, made with these settings from the same files")
     elif ckpt is not None and not args.resume:
@@ -568,11 +558,12 @@ def train_stage(name, model, loss_fn, batches, steps, config, args):
 
 
 def get_pairs(k, model, w, args, shape, n_classes):
-    """The pairs of stage k, from --out/pairs<k>.pt if made with these settings from this very stage file,
-    else simulated by the stage's ODE (guided with w) and saved there."""
+    """The pairs of stage k: --out/pairs<k>.pt if made with these settings from this very stage file, else
+    simulated by the stage's ODE (guided with w) and saved there."""
     config = {"n_pairs": args.n_pairs, "tol": args.tol, "ode_steps": args.ode_steps, "seed": args.seed,
               "guidance": w, "made_from": file_hash(os.path.join(args.out, f"stage{k}.pt"))}
-    path, pairs = saved_file(f"pairs{k}", config, args)
+    path = os.path.join(args.out, f"pairs{k}.pt")
+    pairs = load_saved(path, config, args.resume)
     if pairs is None:
         t0 = time.perf_counter()
         chunk = 256 if args.data == "mnist" else 4096        # on a CPU big image batches cost 3x more
@@ -592,19 +583,19 @@ def run(args):
     data = Data(args.data, args.data_dir, args.seed, device, args.n_eval)
     n_classes = data.n_classes if args.cond else 0
     keys = ["data", "data_dir", "channels", "cond", "label_drop", "seed", "lr", "batch_size"]
-    settings = {"script": SCRIPT, **{k: vars(args)[k] for k in keys}}
+    settings = {k: vars(args)[k] for k in keys}
     # stage 1: 1-rectified flow on independent pairs (x ~ data, e ~ N(0, I))
     model = make_model(data.shape, 1, args.channels, n_classes).to(device)     # v_theta(z, t)
     batches = data.batches(args.batch_size, args.label_drop if args.cond else None)
+    config = {**settings, "steps": args.steps}
     stages, infos, pair_infos = {}, {}, {}
-    stages["stage1"], infos["stage1"] = train_stage("stage1", model, rf_loss, batches, args.steps,
-                                                    {**settings, "steps": args.steps}, args)
-    # stage k + 1 on the pairs of stage k (stage 1's from its guided ODE), from stage k's weights;
-    # the distillation fits the one-step map of the stage that made the last pairs, on those pairs
+    stages["stage1"], infos["stage1"] = train_stage("stage1", model, rf_loss, batches, args.steps, config,
+                                                    args)
+    # stage k + 1 on the pairs of stage k (stage 1's by its guided ODE), from stage k's weights; --distill:
+    # the one-step map of the stage that made the last pairs, on those pairs
     reflow = {"t1_frac": args.t1_frac}
-    later = [(f"stage{k + 1}", functools.partial(rf_loss, **reflow), k) for k in range(1, args.reflows + 1)]
-    later += [("distill", distill_loss, args.reflows)] if args.distill else []
-    for name, loss_fn, k in later:
+    later = [(f"stage{k + 1}", k) for k in range(1, args.reflows + 1)]
+    for name, k in later + ([("distill", args.reflows)] if args.distill else []):
         if any(info["interrupted"] for info in infos.values()):
             break
         pairs = get_pairs(k, stages[f"stage{k}"], args.guidance if k == 1 else 1, args, data.shape, n_classes)
@@ -612,9 +603,8 @@ def run(args):
         torch.manual_seed(args.seed + 5000 + k)
         model = make_model(data.shape, 1, args.channels, n_classes).to(device)
         model.load_state_dict(stages[f"stage{k}"].state_dict())
-        x_hat, e = pairs["x_hat"].to(device), pairs["e"].to(device)
-        labels = None if pairs["labels"] is None else pairs["labels"].to(device)
-        batches = pair_batches(x_hat, e, labels, args.batch_size, args.seed + 5000 + k)
+        batches = pair_batches(pairs, args.batch_size, args.seed + 5000 + k, device)
+        loss_fn = distill_loss if name == "distill" else functools.partial(rf_loss, **reflow)
         config = {**settings, "steps": args.reflow_steps, **({} if name == "distill" else reflow),
                   "made_from": file_hash(os.path.join(args.out, f"pairs{k}.pt"))}
         stages[name], infos[name] = train_stage(name, model, loss_fn, batches, args.reflow_steps, config,
@@ -625,6 +615,8 @@ def run(args):
     e = eval_noise(data, args.seed + 3000, device)
     labels = data.heldout_labels if args.cond else None
     y = None if labels is None else torch.as_tensor(labels, device=device)
+    ode = f"{args.ode_steps} midpoint steps" if args.ode_steps else "dopri5"
+    print(f"k-Rectified Flow on {args.data}: each stage's Euler steps and ODE ({ode}):")
     losses, out, panels = {name: info.pop("losses") for name, info in infos.items()}, {}, []
     for name, model in stages.items():
         w = args.guidance if name == "stage1" else 1.0
@@ -635,26 +627,19 @@ def run(args):
             n_grid = 100 if data.shape == (2,) else 10     # the path's points for its straightness
             path, infos[name]["ode_nfe"] = ode_generate(model, e, args.tol, y, w, n_grid, args.ode_steps)
             out[f"{name}_ode"] = path[-1]
-            infos[name]["straightness"], infos[name]["transport_cost"] = straightness(model, path, y, w)
+            S, C = straightness(model, path, y, w)
+            infos[name].update(straightness=S, transport_cost=C)
+            print(f"{name}: {infos[name]['steps']} steps, straightness {S:.4f}, transport cost {C:.4f}")
             panels.append((f"{name}_ode", path[:, :300].transpose(0, 1) if data.shape == (2,) else path[-1]))
         panels.append((f"{name}_nfe{per_step}", out[f"{name}_nfe{per_step}"]))
     samples = {k: data.to_data(v) for k, v in out.items()}
-    ode = f"{args.ode_steps} midpoint steps" if args.ode_steps else "dopri5"
-    print(f"k-Rectified Flow on {args.data}: each stage's Euler steps and ODE ({ode}):")
     metrics = report_w2(samples, data) if data.shape == (2,) else {}
-    for name, info in infos.items():
-        geometry = "" if name == "distill" else (f", straightness {info['straightness']:.4f}, transport cost "
-                                                  f"{info['transport_cost']:.4f}")
-        print(f"{name}: {info['steps']} steps{geometry}")
-    metrics.update(command=" ".join(["python", f"{SCRIPT}.py", *args.argv]), stages=infos, pairs=pair_infos)
-    save_results(args.out, samples, data, metrics, labels)
+    metrics.update(stages=infos, pairs=pair_infos)
     panels = [("real (held-out)", data.heldout)] + [(k, data.to_data(v)) for k, v in panels]
     title = f"k-Rectified Flow on {args.data}" + (f", guidance {args.guidance:g}" if y is not None else "")
     title += ": " + " -> ".join(f"{name} ({info['steps']} steps)" for name, info in infos.items())
     plot_panels(os.path.join(args.out, "results.png"), title, panels, losses, metrics, labels)
-    print(f"wrote {args.out}: results.png, samples.npz, metrics.json, the stage and pairs files")
-    if data.shape != (2,):
-        print(f"score the images with: python evaluate.py {args.out}")
+    save_results(args, samples, data, metrics, labels)
     if any(info["interrupted"] for info in infos.values()):
         raise KeyboardInterrupt
     return metrics
