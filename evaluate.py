@@ -45,7 +45,7 @@ def load_images(name, data_dir):
 
 
 def save_checkpoint(path, state):
-    """Write atomically, to a temporary file and then os.replace: never a half-written file."""
+    """Write to a temporary file, then os.replace it: never a half-written file."""
     torch.save(state, f"{path}.{os.getpid()}.tmp")
     os.replace(f"{path}.{os.getpid()}.tmp", path)
 
