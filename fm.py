@@ -56,8 +56,7 @@ def euler_sample(model, e, steps, labels=None, w=1.0):
 
 @torch.no_grad()
 def ode_generate(model, e, solver="dopri5", ode_steps=20, labels=None, w=1.0, n_grid=1, tol=1e-5):
-    """dz/dt = v(z, t) from t = 1 to 0 by torchdiffeq (dopri5: rtol = atol = tol; the others: ode_steps
-    steps): the states at n_grid + 1 equal time steps, and the network evaluations."""
+    """dz/dt = v(z, t) from t = 1 to 0 by torchdiffeq: the states at n_grid + 1 equal times, and the NFE."""
     from torchdiffeq import odeint
     nfe = [0]
 
@@ -514,8 +513,6 @@ def run(args):
 
 def main(argv=None):
     """Command line entry: problems the user can fix end in a one-line error; Ctrl-C exits with code 130."""
-    import matplotlib
-    matplotlib.use("Agg")
     args = get_args(argv)
     try:
         return run(args)

@@ -37,10 +37,8 @@ from tqdm import tqdm
 
 # --- method ---
 def sample_r_t(n, device, boundary_frac=0.7, r0_frac=0.2, boundary_t="logit-normal"):
-    """Times r <= t in blocks: the first nb = boundary_frac * n rows r = t (flow matching on the boundary
-    u(z, t, t) = v(z, t)) with t ~ logit-normal(-0.4, 1) or the larger of two uniforms ("max"); the next
-    r0_frac * n rows r = 0, t ~ U(0, 1] (the slice whose corner (0, 1) is one-step sampling); the rest the
-    min and max of two uniform times. Returns r, t and nb."""
+    """r <= t: the first nb rows r = t (t logit-normal(-0.4, 1) or the larger of two uniforms), r0_frac r = 0
+    (the slice of the one-step corner (0, 1)), the rest two sorted uniforms. Returns r, t and nb."""
     nb = round(n * boundary_frac)
     n0 = min(round(n * r0_frac), n - nb)                  # rounding never overfills the batch
     a, b = torch.rand(n, device=device), torch.rand(n, device=device)
@@ -55,8 +53,7 @@ def sample_r_t(n, device, boundary_frac=0.7, r0_frac=0.2, boundary_t="logit-norm
 
 
 def meanflow_jvp(model, z, r, t, v, labels=None):
-    """u(z, r, t) and d/dt u = du/dz . v + du/dt: one batched forward-mode JVP with tangent (v, 0, 1). The
-    weights are inputs with zero tangents: the same result, several times faster on a CPU than constants."""
+    """u(z, r, t) and d/dt u = du/dz . v + du/dt by one JVP, tangent (v, 0, 1); weights as inputs: faster."""
     weights = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     zeros = {k: torch.zeros_like(w) for k, w in weights.items()}
     f = lambda w, z, r, t: torch.func.functional_call(model, w, (z, r, t), {"labels": labels})  # noqa: E731
@@ -67,9 +64,8 @@ def meanflow_jvp(model, z, r, t, v, labels=None):
 
 def imf_loss(model, x, e, labels=None, guidance=1.0, boundary_frac=0.7, r0_frac=0.2,
              boundary_t="logit-normal"):
-    """iMF: ||u(z_t, r, t) + (t - r) sg(d/dt u) - v_tgt||^2 with the tangent v_theta = u(z_t, t, t) and
-    v_tgt = e - x; with guidance w != 1, the labelled rows regress on
-    v_tgt = w (e - x) + (1 - w) sg(u(z_t, t, t | no label)) instead."""
+    """iMF: ||u(z_t, r, t) + (t - r) sg(d/dt u) - v_tgt||^2, v_tgt = e - x, or guided (labelled rows, w != 1)
+    w (e - x) + (1 - w) sg(u(z_t, t, t | no label)); the JVP's tangent is v_theta = u(z_t, t, t)."""
     r, t, nb = sample_r_t(len(x), x.device, boundary_frac, r0_frac, boundary_t)
     tb = t.view(-1, *[1] * (x.dim() - 1))
     z = (1 - tb) * x + tb * e                               # z_t = (1 - t) x + t e
@@ -540,8 +536,6 @@ def run(args):
 
 def main(argv=None):
     """Command line entry: problems the user can fix end in a one-line error; Ctrl-C exits with code 130."""
-    import matplotlib
-    matplotlib.use("Agg")
     args = get_args(argv)
     try:
         return run(args)

@@ -1,21 +1,18 @@
 """iMF on a reflow coupling: a teacher, pairs by its ODE, then improved MeanFlow on the pairs, for one step.
 
-iMF (Geng et al., "Mean Flows for One-step Generative Modeling", 2025) trained on the coupling of reflow (Liu
-et al., ICLR 2023), with the collection's time convention: data x at t = 0, noise e ~ N(0, I) at t = 1.
-  stage 1    the teacher on independent pairs, z_t = (1 - t) x + t e: flow matching on the boundary,
+iMF (Geng et al., "Mean Flows for One-step Generative Modeling", 2025) on the coupling of reflow (Liu et al.,
+ICLR 2023), with the collection's time convention: data x at t = 0, noise e ~ N(0, I) at t = 1.
+  stage 1    a teacher on independent pairs, z_t = (1 - t) x + t e: flow matching on the boundary,
              || u_theta(z_t, t, t) - (e - x) ||^2 (--teacher fm), or iMF as in stage 2 (--teacher imf)
-  coupling   draw e, integrate dz/dt = v(z, t) = u(z, t, t) from t = 1 to 0 with dopri5: x_hat = ODE(e)
-             (on mnist 16 midpoint steps, --ode-steps: as close, a third of the cost; RESULTS.md)
+  coupling   x_hat = ODE(e): dz/dt = v(z, t) = u(z, t, t) from t = 1 to 0 (dopri5; mnist: 16 midpoint steps)
   stage 2    iMF on the straight lines between the pairs (x_hat, e), from the teacher's weights:
-             z_r = z_t - (t - r) u(z_t, r, t), u(z, t, t) = v(z, t), v(z_t, t) = u + (t - r) d/dt u, with
-             d/dt u = du/dz . v_theta + du/dt by one JVP with tangent (v_theta, 0, 1), v_theta = u(z_t, t, t);
-             loss || u_theta(z_t, r, t) + (t - r) sg(d/dt u) - (e - x_hat) ||^2
-  one step   x = e - u_theta(e, r = 0, t = 1); stage 2 lands near its teacher's ODE
-  guidance   --cond --guidance W: the pairs come per label from the teacher's guided ODE (the fm teacher
-             guided at sampling, the iMF teacher with W in its target); stage 2 samples without guidance
-Departures from the papers (measured: RESULTS.md): the default teacher is flow matching, not iMF (half the
-cost per step, and a better stage 2); iMF's (r, t) sampler of imf.py, with the boundary t the larger of two
-uniforms (--boundary-t max), which did better on the pairs; small networks, a low-frequency time embedding.
+             || u_theta(z_t, r, t) + (t - r) sg(d/dt u) - (e - x_hat) ||^2, z_r = z_t - (t - r) u(z_t, r, t),
+             d/dt u = du/dz . v_theta + du/dt by one JVP with tangent (v_theta, 0, 1), v_theta = u(z_t, t, t)
+  one step   x = e - u_theta(e, r = 0, t = 1)
+  guidance   --cond --guidance W: pairs per label from the teacher's guided ODE (the fm teacher guided when
+             sampled, the iMF teacher trained with W in its target); stage 2 samples without guidance
+Departures from the papers (measured: RESULTS.md): a flow-matching teacher by default (half the cost a step,
+and a better stage 2); imf.py's (r, t) sampler, the boundary t the larger of two uniforms; small networks.
 
   python imf_reflow.py                  # moons: teacher, dopri5 pairs, iMF; about a minute on a laptop CPU
   python imf_reflow.py --teacher imf    # an iMF teacher instead of flow matching
@@ -41,8 +38,7 @@ from tqdm import tqdm
 
 # --- method ---
 def velocity(model, z, t, labels=None, w=1.0):
-    """The instantaneous velocity v(z, t) = u_theta(z, t, t), or with labels and w != 1 classifier-free
-    guidance, v(no label) + w (v(label) - v(no label)): two network evaluations, in one batched call."""
+    """v(z, t) = u_theta(z, t, t); with labels and w != 1 guided, v(no label) + w (v(label) - v(no label))."""
     if labels is None or w == 1:
         return model(z, t, t, labels=labels)
     null = torch.full_like(labels, model.n_classes)
@@ -52,10 +48,8 @@ def velocity(model, z, t, labels=None, w=1.0):
 
 
 def sample_r_t(n, device, boundary_frac=0.7, r0_frac=0.2, boundary_t="max"):
-    """Times r <= t in blocks: the first nb = boundary_frac * n rows r = t (flow matching on the boundary
-    u(z, t, t) = v(z, t)) with t ~ logit-normal(-0.4, 1) or the larger of two uniforms ("max"); the next
-    r0_frac * n rows r = 0, t ~ U(0, 1] (the slice whose corner (0, 1) is one-step sampling); the rest the
-    min and max of two uniform times. Returns r, t and nb."""
+    """r <= t: the first nb rows r = t (t logit-normal(-0.4, 1) or the larger of two uniforms), r0_frac r = 0
+    (the slice of the one-step corner (0, 1)), the rest two sorted uniforms. Returns r, t and nb."""
     nb = round(n * boundary_frac)
     n0 = min(round(n * r0_frac), n - nb)                  # rounding never overfills the batch
     a, b = torch.rand(n, device=device), torch.rand(n, device=device)
@@ -70,8 +64,7 @@ def sample_r_t(n, device, boundary_frac=0.7, r0_frac=0.2, boundary_t="max"):
 
 
 def meanflow_jvp(model, z, r, t, v, labels=None):
-    """u(z, r, t) and d/dt u = du/dz . v + du/dt: one batched forward-mode JVP with tangent (v, 0, 1). The
-    weights are inputs with zero tangents: the same result, several times faster on a CPU than constants."""
+    """u(z, r, t) and d/dt u = du/dz . v + du/dt by one JVP, tangent (v, 0, 1); weights as inputs: faster."""
     weights = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     zeros = {k: torch.zeros_like(w) for k, w in weights.items()}
     f = lambda w, z, r, t: torch.func.functional_call(model, w, (z, r, t), {"labels": labels})  # noqa: E731
@@ -82,9 +75,8 @@ def meanflow_jvp(model, z, r, t, v, labels=None):
 
 def imf_loss(model, x, e, labels=None, guidance=1.0, boundary_frac=0.7, r0_frac=0.2,
              boundary_t="max"):
-    """iMF: ||u(z_t, r, t) + (t - r) sg(d/dt u) - v_tgt||^2 with the tangent v_theta = u(z_t, t, t) and
-    v_tgt = e - x; with guidance w != 1, the labelled rows regress on
-    v_tgt = w (e - x) + (1 - w) sg(u(z_t, t, t | no label)) instead."""
+    """iMF: ||u(z_t, r, t) + (t - r) sg(d/dt u) - v_tgt||^2, v_tgt = e - x, or guided (labelled rows, w != 1)
+    w (e - x) + (1 - w) sg(u(z_t, t, t | no label)); the JVP's tangent is v_theta = u(z_t, t, t)."""
     r, t, nb = sample_r_t(len(x), x.device, boundary_frac, r0_frac, boundary_t)
     tb = t.view(-1, *[1] * (x.dim() - 1))
     z = (1 - tb) * x + tb * e                               # z_t = (1 - t) x + t e
@@ -132,8 +124,7 @@ def euler_sample(model, e, steps, labels=None, w=1.0):
 
 @torch.no_grad()
 def ode_generate(model, e, tol=1e-5, labels=None, w=1.0, n_grid=1, steps=0):
-    """Integrate dz/dt = v(z, t) from t = 1 to 0 by torchdiffeq's dopri5 (rtol = atol = tol), or steps > 0
-    midpoint steps. Returns the states at n_grid + 1 equal time steps (the last: x_hat) and the NFE."""
+    """dz/dt = v(z, t) from t = 1 to 0 by dopri5, or steps > 0 midpoint steps: n_grid + 1 states, the NFE."""
     from torchdiffeq import odeint
     nfe = [0]
 
@@ -160,10 +151,8 @@ def straightness(model, path, labels=None, w=1.0):
 
 
 def make_pairs(model, n, shape, seed, tol=1e-5, n_classes=0, w=1.0, steps=0, chunk=4096):
-    """The coupling of a trained flow: n noise samples e and x_hat = ODE(e) by ode_generate, in chunks; with
-    n_classes, per label (each class n / n_classes times) on the ODE guided with weight w. Returns x_hat, e,
-    the labels (None if unconditional), all on the CPU, and the network evaluations per pair (the most of
-    any chunk: dopri5 adapts its steps to each chunk)."""
+    """The coupling: n noises e and x_hat = ODE(e), in chunks; with n_classes, balanced labels and the ODE
+    guided with w. Returns x_hat, e, labels (or None) on the CPU, and the most NFE a pair of any chunk."""
     device = next(model.parameters()).device
     e = torch.randn(n, *shape, generator=torch.Generator().manual_seed(seed))
     labels = torch.arange(n) % n_classes if n_classes else None
@@ -707,8 +696,6 @@ def run(args):
 
 def main(argv=None):
     """Command line entry: problems the user can fix end in a one-line error; Ctrl-C exits with code 130."""
-    import matplotlib
-    matplotlib.use("Agg")
     args = get_args(argv)
     try:
         return run(args)

@@ -48,8 +48,7 @@ def rf_loss(model, x, e, labels=None):
 
 
 def velocity(model, z, t, labels=None, w=1.0):
-    """v_theta(z, t), or with labels and w != 1 classifier-free guidance, v(no label) + w (v(label) -
-    v(no label)): two network evaluations, in one batched call."""
+    """v_theta(z, t); with labels and w != 1, guided: v(no label) + w (v(label) - v(no label)), one call."""
     if labels is None or w == 1:
         return model(z, t, labels=labels)
     null = torch.full_like(labels, model.n_classes)
@@ -530,8 +529,6 @@ def run(args):
 
 def main(argv=None):
     """Command line entry: problems the user can fix end in a one-line error; Ctrl-C exits with code 130."""
-    import matplotlib
-    matplotlib.use("Agg")
     args = get_args(argv)
     try:
         return run(args)

@@ -3,21 +3,18 @@
 Liu et al., "Flow Straight and Fast: Learning to Generate and Transfer Data with Rectified Flow" (ICLR 2023),
 with the collection's time convention: data x at t = 0, noise e ~ N(0, I) at t = 1 (the paper's t is 1 - t).
   stage 1     1-rectified flow on independent pairs: || v_theta(z_t, t) - (e - x) ||^2, z_t = (1 - t) x + t e
-  coupling    draw e, integrate dz/dt = v(z, t) from t = 1 to 0 with torchdiffeq's dopri5: x_hat = ODE(e)
-              (on mnist 16 midpoint steps, --ode-steps: as close, a third of the cost; RESULTS.md)
-  stage k+1   the same loss on the straight lines between the pairs (x_hat, e) of stage k, from its weights;
-              the coupling is deterministic, so the target e - x_hat at t = 1 has nothing to average over
+  coupling    x_hat = ODE(e): dz/dt = v(z, t) from t = 1 to 0 (dopri5; mnist: 16 midpoint steps)
+  stage k+1   the same loss on the straight lines between the pairs (x_hat, e) of stage k, from its weights
   one step    x = e - v(e, 1); --distill fits only that map, || v(e, 1) - (e - x_hat) ||^2, for comparison
   straightness S = E int_0^1 ||(z_1 - z_0) - v(z_t, t)||^2 dt drops with each reflow; the transport cost
               E ||x_hat - e||^2 does not rise (for the exact flow: the paper's theorem)
-  guidance    --cond --guidance W: the pairs are simulated per label on stage 1's ODE guided with
+  guidance    --cond --guidance W: the pairs come per label from stage 1's guided ODE,
               v(no label) + W (v(label) - v(no label)); later stages learn the guided map and need none
-Departures from the paper: half of each reflow batch at t = 1, the point one Euler step reads (--t1-frac; the
-paper: t ~ U(0, 1), measured worse: RESULTS.md); small networks with a low-frequency time embedding.
+Departures from the paper (measured: RESULTS.md): half of each reflow batch at t = 1, where one Euler step
+reads v (--t1-frac; the paper: t ~ U(0, 1)); small networks with a low-frequency time embedding.
 
   python reflow.py                  # moons: 1-RF, dopri5 pairs, 2-RF; about a minute on a laptop CPU
   python reflow.py --distill        # also a one-step distillation on the same pairs
-  python reflow.py --data mnist --cond --guidance 2   # MNIST: pairs per label by the guided ODE, one step
 Files in --out: stage1.pt, pairs1.pt, stage2.pt, ...; a later run reuses those made with its settings.
 """
 import argparse
@@ -56,8 +53,7 @@ def distill_loss(model, x, e, labels=None):
 
 
 def velocity(model, z, t, labels=None, w=1.0):
-    """v_theta(z, t), or with labels and w != 1 classifier-free guidance, v(no label) + w (v(label) -
-    v(no label)): two network evaluations, in one batched call."""
+    """v_theta(z, t); with labels and w != 1, guided: v(no label) + w (v(label) - v(no label)), one call."""
     if labels is None or w == 1:
         return model(z, t, labels=labels)
     null = torch.full_like(labels, model.n_classes)
@@ -76,8 +72,7 @@ def euler_sample(model, e, steps, labels=None, w=1.0):
 
 @torch.no_grad()
 def ode_generate(model, e, tol=1e-5, labels=None, w=1.0, n_grid=1, steps=0):
-    """Integrate dz/dt = v(z, t) from t = 1 to 0 by torchdiffeq's dopri5 (rtol = atol = tol), or steps > 0
-    midpoint steps. Returns the states at n_grid + 1 equal time steps (the last: x_hat) and the NFE."""
+    """dz/dt = v(z, t) from t = 1 to 0 by dopri5, or steps > 0 midpoint steps: n_grid + 1 states, the NFE."""
     from torchdiffeq import odeint
     nfe = [0]
 
@@ -104,10 +99,8 @@ def straightness(model, path, labels=None, w=1.0):
 
 
 def make_pairs(model, n, shape, seed, tol=1e-5, n_classes=0, w=1.0, steps=0, chunk=4096):
-    """The coupling of a trained flow: n noise samples e and x_hat = ODE(e) by ode_generate, in chunks; with
-    n_classes, per label (each class n / n_classes times) on the ODE guided with weight w. Returns x_hat, e,
-    the labels (None if unconditional), all on the CPU, and the network evaluations per pair (the most of
-    any chunk: dopri5 adapts its steps to each chunk)."""
+    """The coupling: n noises e and x_hat = ODE(e), in chunks; with n_classes, balanced labels and the ODE
+    guided with w. Returns x_hat, e, labels (or None) on the CPU, and the most NFE a pair of any chunk."""
     device = next(model.parameters()).device
     e = torch.randn(n, *shape, generator=torch.Generator().manual_seed(seed))
     labels = torch.arange(n) % n_classes if n_classes else None
@@ -647,8 +640,6 @@ def run(args):
 
 def main(argv=None):
     """Command line entry: problems the user can fix end in a one-line error; Ctrl-C exits with code 130."""
-    import matplotlib
-    matplotlib.use("Agg")
     args = get_args(argv)
     try:
         return run(args)
