@@ -71,7 +71,7 @@ def euler_sample(model, e, steps, labels=None, w=1.0):
 
 
 @torch.no_grad()
-def ode_generate(model, e, tol=1e-5, labels=None, w=1.0, n_grid=1, steps=0):
+def ode_generate(model, e, labels=None, w=1.0, n_grid=1, steps=0, tol=1e-5):
     """dz/dt = v(z, t) from t = 1 to 0 by dopri5, or steps > 0 midpoint steps: n_grid + 1 states, the NFE."""
     from torchdiffeq import odeint
     nfe = [0]
@@ -98,7 +98,7 @@ def straightness(model, path, labels=None, w=1.0):
     return S, (line ** 2).flatten(1).sum(1).mean().item()
 
 
-def make_pairs(model, n, shape, seed, tol=1e-5, n_classes=0, w=1.0, steps=0, chunk=4096):
+def make_pairs(model, n, shape, seed, n_classes=0, w=1.0, steps=0, chunk=4096):
     """The coupling: n noises e and x_hat = ODE(e), in chunks; with n_classes, balanced labels and the ODE
     guided with w. Returns x_hat, e, labels (or None) on the CPU, and the most NFE a pair of any chunk."""
     device = next(model.parameters()).device
@@ -107,7 +107,7 @@ def make_pairs(model, n, shape, seed, tol=1e-5, n_classes=0, w=1.0, steps=0, chu
     x_hat, nfe = [], 0
     for i, part in enumerate(tqdm(e.split(chunk), desc="pairs (ODE)", mininterval=1.0)):
         y = None if labels is None else labels[i * chunk:(i + 1) * chunk].to(device)
-        path, k = ode_generate(model, part.to(device), tol, y, w, steps=steps)
+        path, k = ode_generate(model, part.to(device), y, w, steps=steps)
         x_hat.append(path[-1].cpu())
         nfe = max(nfe, k)
     return torch.cat(x_hat), e, labels, nfe
@@ -123,21 +123,15 @@ def pair_batches(pairs, n, seed, device):
 
 
 # --- model ---
-class TimeEmbedding(nn.Module):
-    """sin and cos of t at low frequencies, 1 to max_freq rad (higher ones hurt iMF)."""
-
-    def __init__(self, dim=64, max_freq=2.0):
-        super().__init__()
-        self.register_buffer("freqs", torch.exp(torch.linspace(0.0, math.log(max_freq), dim // 2)))
-
-    def forward(self, t):
-        angles = t[:, None] * self.freqs
-        return torch.cat([angles.sin(), angles.cos()], dim=-1)
+def time_embedding(t, dim=64, max_freq=2.0):
+    """sin and cos of t at dim / 2 low frequencies, 1 to max_freq rad (higher ones hurt iMF)."""
+    angles = t[:, None] * torch.exp(torch.linspace(0.0, math.log(max_freq), dim // 2, device=t.device))
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)
 
 
 def embed_inputs(net, times, labels):
     """The times' embeddings and, for a class-conditional net, the labels' (None: "no label")."""
-    parts = [net.embed(t) for t in times]
+    parts = [time_embedding(t, net.emb) for t in times]
     if net.n_classes:
         no_label = torch.full_like(times[0], net.n_classes, dtype=torch.long)
         parts.append(net.label(no_label if labels is None else labels))
@@ -149,7 +143,7 @@ class ResMLP(nn.Module):
 
     def __init__(self, n_times=1, n_classes=0, hidden=64, depth=3, emb=64):
         super().__init__()
-        self.embed, self.n_classes = TimeEmbedding(emb), n_classes
+        self.emb, self.n_classes = emb, n_classes
         if n_classes:
             self.label = nn.Embedding(n_classes + 1, emb)   # the last index: no label
         self.cond = nn.Sequential(nn.Linear((n_times + (n_classes > 0)) * emb, hidden), nn.SiLU(),
@@ -173,7 +167,7 @@ class SmallUNet(nn.Module):
 
     def __init__(self, shape, n_times=1, ch=32, n_classes=0, emb=64):
         super().__init__()
-        self.embed, self.n_classes, self.ch = TimeEmbedding(emb), n_classes, ch
+        self.emb, self.n_classes, self.ch = emb, n_classes, ch
         self.deep = shape[1] % 4 == 0 and shape[2] % 4 == 0 and min(shape[1:]) >= 16
         if n_classes:
             self.label = nn.Embedding(n_classes + 1, emb)   # the last index: no label
@@ -475,7 +469,7 @@ DEFAULTS = {"toys": {"steps": 3400, "reflow_steps": 2500, "batch_size": 512, "lr
             "mnist": {"steps": 6000, "reflow_steps": 5000, "batch_size": 64, "lr": 2e-3, "channels": 16,
                       "n_pairs": 8192, "ode_steps": 16, "n_eval": 1000}}
 POSITIVE = ["steps", "batch_size", "lr", "channels", "ckpt_every", "n_eval", "guidance", "reflow_steps",
-            "n_pairs", "tol"]
+            "n_pairs"]
 FRACTIONS = ["label_drop", "t1_frac"]
 
 
@@ -504,7 +498,6 @@ def get_args(argv=None):
                    help="training steps of each later stage")
     p.add_argument("--n-pairs", type=int, default=per_data,
                    help="pairs (x_hat, e) simulated from a stage")
-    p.add_argument("--tol", type=float, default=1e-5, help="dopri5's relative and absolute tolerance")
     p.add_argument("--ode-steps", type=int, default=per_data,
                    help="the ODE of the pairs and 'ode' samples: 0 dopri5, N > 0 N midpoint steps")
     p.add_argument("--reflows", type=int, default=1, metavar="K", help="reflows after stage 1 (0 or more)")
@@ -553,15 +546,15 @@ def train_stage(name, model, loss_fn, batches, steps, config, args):
 def get_pairs(k, model, w, args, shape, n_classes):
     """The pairs of stage k: --out/pairs<k>.pt if made with these settings from this very stage file, else
     simulated by the stage's ODE (guided with w) and saved there."""
-    config = {"n_pairs": args.n_pairs, "tol": args.tol, "ode_steps": args.ode_steps, "seed": args.seed,
+    config = {"n_pairs": args.n_pairs, "ode_steps": args.ode_steps, "seed": args.seed,
               "guidance": w, "made_from": file_hash(os.path.join(args.out, f"stage{k}.pt"))}
     path = os.path.join(args.out, f"pairs{k}.pt")
     pairs = load_saved(path, config, args.resume)
     if pairs is None:
         t0 = time.perf_counter()
         chunk = 256 if args.data == "mnist" else 4096        # on a CPU big image batches cost 3x more
-        x_hat, e, labels, nfe = make_pairs(model, args.n_pairs, shape, args.seed + 4000 + k, args.tol,
-                                           n_classes, w, args.ode_steps, chunk)
+        x_hat, e, labels, nfe = make_pairs(model, args.n_pairs, shape, args.seed + 4000 + k, n_classes, w,
+                                           args.ode_steps, chunk)
         pairs = {"x_hat": x_hat, "e": e, "labels": labels, "nfe": nfe, "config": config,
                  "seconds": round(time.perf_counter() - t0, 2)}
         save_checkpoint(path, pairs)
@@ -618,7 +611,7 @@ def run(args):
             out[f"{name}_nfe{n * per_step}"] = euler_sample(model, e, n, y, w)
         if name != "distill":
             n_grid = 100 if data.shape == (2,) else 10     # the path's points for its straightness
-            path, infos[name]["ode_nfe"] = ode_generate(model, e, args.tol, y, w, n_grid, args.ode_steps)
+            path, infos[name]["ode_nfe"] = ode_generate(model, e, y, w, n_grid, args.ode_steps)
             out[f"{name}_ode"] = path[-1]
             S, C = straightness(model, path, y, w)
             infos[name].update(straightness=S, transport_cost=C)

@@ -316,8 +316,8 @@ def test_pairs_are_the_ode_endpoints_per_label(script, tmp_path):
     assert pairs["x_hat"].shape == (64, 2)
     model = mod.make_model((2,), 2 if script == "imf_reflow" else 1, n_classes=2)
     model.load_state_dict(torch.load(tmp_path / "stage1.pt", weights_only=True)["ema"])
-    guided = mod.ode_generate(model, pairs["e"], 1e-5, pairs["labels"], 2.0)[0][-1]
-    plain = mod.ode_generate(model, pairs["e"], 1e-5, pairs["labels"], 1.0)[0][-1]
+    guided = mod.ode_generate(model, pairs["e"], pairs["labels"], 2.0)[0][-1]
+    plain = mod.ode_generate(model, pairs["e"], pairs["labels"], 1.0)[0][-1]
     assert torch.allclose(guided, pairs["x_hat"], atol=1e-5) and not torch.allclose(plain, guided, atol=1e-3)
     assert "w2_ratio_stage2_nfe1" in metrics and "w2_ratio_stage1_nfe2" in metrics   # stage 1 guided: 2 NFE
     assert script == "imf_reflow" or "w2_ratio_distill_nfe1" in metrics
@@ -510,7 +510,7 @@ def test_mnist_path_of_each_script_on_tiny_idx_files(script, tmp_path):
         model = mods[script].make_model((1, 28, 28), 2 if script == "imf_reflow" else 1, 4, 10)
         model.load_state_dict(torch.load(tmp_path / "out" / "stage1.pt", weights_only=True)["ema"])
         steps = mods[script].DEFAULTS["mnist"]["ode_steps"]                  # mnist: fixed midpoint steps
-        x_hat = mods[script].ode_generate(model, pairs["e"], 1e-5, pairs["labels"], 2.0, steps=steps)[0][-1]
+        x_hat = mods[script].ode_generate(model, pairs["e"], pairs["labels"], 2.0, steps=steps)[0][-1]
         assert steps > 0 and pairs["nfe"] == 2 * 2 * steps                   # guided midpoint: 2 x 2 a step
         assert torch.allclose(x_hat, pairs["x_hat"], atol=1e-6)
 

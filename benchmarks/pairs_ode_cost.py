@@ -28,7 +28,7 @@ def endpoints(model, e, labels, w, solver, arg):
     """x_hat = ODE(e) and the network evaluations: dopri5 with tolerance arg, or arg fixed steps."""
     from torchdiffeq import odeint
     if solver == "dopri5":
-        path, nfe = reflow.ode_generate(model, e, arg, labels, w)
+        path, nfe = reflow.ode_generate(model, e, labels, w, tol=arg)
         return path[-1], nfe
     per_step = {"euler": 1, "midpoint": 2, "rk4": 4}[solver] * (1 if labels is None or w == 1 else 2)
     f = lambda t, z: reflow.velocity(model, z, t.expand(len(z)), labels, w)  # noqa: E731
