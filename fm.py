@@ -73,15 +73,21 @@ def ode_generate(model, e, solver="dopri5", ode_steps=20, labels=None, w=1.0, n_
 
 
 # --- model ---
-def time_embedding(t, dim=64, max_freq=2.0):
-    """sin and cos of t at dim / 2 low frequencies, 1 to max_freq rad (higher ones hurt iMF)."""
-    angles = t[:, None] * torch.exp(torch.linspace(0.0, math.log(max_freq), dim // 2, device=t.device))
-    return torch.cat([angles.sin(), angles.cos()], dim=-1)
+class TimeEmbedding(nn.Module):
+    """sin and cos of t at low frequencies, 1 to max_freq rad (higher ones hurt iMF)."""
+
+    def __init__(self, dim=64, max_freq=2.0):
+        super().__init__()
+        self.register_buffer("freqs", torch.exp(torch.linspace(0.0, math.log(max_freq), dim // 2)))
+
+    def forward(self, t):
+        angles = t[:, None] * self.freqs
+        return torch.cat([angles.sin(), angles.cos()], dim=-1)
 
 
 def embed_inputs(net, times, labels):
     """The times' embeddings and, for a class-conditional net, the labels' (None: "no label")."""
-    parts = [time_embedding(t, net.emb) for t in times]
+    parts = [net.embed(t) for t in times]
     if net.n_classes:
         no_label = torch.full_like(times[0], net.n_classes, dtype=torch.long)
         parts.append(net.label(no_label if labels is None else labels))
@@ -93,7 +99,7 @@ class ResMLP(nn.Module):
 
     def __init__(self, n_times=1, n_classes=0, hidden=64, depth=3, emb=64):
         super().__init__()
-        self.emb, self.n_classes = emb, n_classes
+        self.embed, self.n_classes = TimeEmbedding(emb), n_classes
         if n_classes:
             self.label = nn.Embedding(n_classes + 1, emb)   # the last index: no label
         self.cond = nn.Sequential(nn.Linear((n_times + (n_classes > 0)) * emb, hidden), nn.SiLU(),
@@ -117,7 +123,7 @@ class SmallUNet(nn.Module):
 
     def __init__(self, shape, n_times=1, ch=32, n_classes=0, emb=64):
         super().__init__()
-        self.emb, self.n_classes, self.ch = emb, n_classes, ch
+        self.embed, self.n_classes, self.ch = TimeEmbedding(emb), n_classes, ch
         self.deep = shape[1] % 4 == 0 and shape[2] % 4 == 0 and min(shape[1:]) >= 16
         if n_classes:
             self.label = nn.Embedding(n_classes + 1, emb)   # the last index: no label
