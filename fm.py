@@ -426,6 +426,7 @@ DEFAULTS = {"toys": {"steps": 4000, "batch_size": 512, "lr": 5e-3, "channels": 3
                       "solver": "midpoint", "ode_steps": 8}}
 POSITIVE = ["steps", "batch_size", "lr", "channels", "ckpt_every", "n_eval", "guidance", "ode_steps"]
 FRACTIONS = ["label_drop", "sigma_min"]
+NONNEGATIVE = ["seed"]
 
 
 def get_args(argv=None):
@@ -462,8 +463,9 @@ def get_args(argv=None):
     for key in FRACTIONS:
         if not 0 <= vars(args)[key] <= 1:
             p.error(f"--{key.replace('_', '-')} must be in [0, 1], got {vars(args)[key]}")
-    if args.seed < 0:
-        p.error(f"--seed must be 0 or more, got {args.seed}")
+    for key in NONNEGATIVE:
+        if vars(args)[key] < 0:
+            p.error(f"--{key.replace('_', '-')} must be 0 or more, got {vars(args)[key]}")
     if args.cond and args.data not in N_CLASSES:
         p.error(f"--cond needs data with labels ({', '.join(N_CLASSES)})")
     if args.guidance != 1 and not (args.cond and args.label_drop > 0):

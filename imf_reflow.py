@@ -529,6 +529,7 @@ DEFAULTS = {"toys": {"steps": 4000, "reflow_steps": 2000, "batch_size": 512, "lr
 POSITIVE = ["steps", "batch_size", "lr", "channels", "ckpt_every", "n_eval", "guidance", "reflow_steps",
             "n_pairs"]
 FRACTIONS = ["label_drop", "boundary_frac", "r0_frac"]
+NONNEGATIVE = ["seed", "ode_steps"]
 
 
 def get_args(argv=None):
@@ -553,10 +554,8 @@ def get_args(argv=None):
     p.add_argument("--label-drop", type=float, default=0.1, help="with --cond: share of labels dropped")
     p.add_argument("--guidance", type=float, default=1.0, help="with --cond: classifier-free guidance weight")
     p.add_argument("--reflow-steps", type=int, default=per_data, help="training steps of stage 2")
-    p.add_argument("--n-pairs", type=int, default=per_data,
-                   help="pairs (x_hat, e) simulated from the teacher")
-    p.add_argument("--ode-steps", type=int, default=per_data,
-                   help="the ODE of the pairs and 'ode' samples: 0 dopri5, N > 0 N midpoint steps")
+    p.add_argument("--n-pairs", type=int, default=per_data, help="pairs (x_hat, e) simulated from stage 1")
+    p.add_argument("--ode-steps", type=int, default=per_data, help="pairs' ODE: 0 dopri5, N midpoint steps")
     p.add_argument("--teacher", default="fm", choices=["fm", "imf"], help="stage 1: flow matching or iMF")
     p.add_argument("--boundary-frac", type=float, default=0.7, help="share of each iMF batch with r = t")
     p.add_argument("--r0-frac", type=float, default=0.2, help="share with r = 0, the one-step corner's slice")
@@ -571,8 +570,9 @@ def get_args(argv=None):
     for key in FRACTIONS:
         if not 0 <= vars(args)[key] <= 1:
             p.error(f"--{key.replace('_', '-')} must be in [0, 1], got {vars(args)[key]}")
-    if args.seed < 0:
-        p.error(f"--seed must be 0 or more, got {args.seed}")
+    for key in NONNEGATIVE:
+        if vars(args)[key] < 0:
+            p.error(f"--{key.replace('_', '-')} must be 0 or more, got {vars(args)[key]}")
     if args.cond and args.data not in N_CLASSES:
         p.error(f"--cond needs data with labels ({', '.join(N_CLASSES)})")
     if args.guidance != 1 and not (args.cond and args.label_drop > 0):

@@ -477,6 +477,7 @@ DEFAULTS = {"toys": {"steps": 3400, "reflow_steps": 2500, "batch_size": 512, "lr
 POSITIVE = ["steps", "batch_size", "lr", "channels", "ckpt_every", "n_eval", "guidance", "reflow_steps",
             "n_pairs"]
 FRACTIONS = ["label_drop", "t1_frac"]
+NONNEGATIVE = ["seed", "ode_steps", "reflows"]
 
 
 def get_args(argv=None):
@@ -500,12 +501,9 @@ def get_args(argv=None):
     p.add_argument("--cond", action="store_true", help=f"class-conditional ({', '.join(N_CLASSES)})")
     p.add_argument("--label-drop", type=float, default=0.1, help="with --cond: share of labels dropped")
     p.add_argument("--guidance", type=float, default=1.0, help="with --cond: classifier-free guidance weight")
-    p.add_argument("--reflow-steps", type=int, default=per_data,
-                   help="training steps of each later stage")
-    p.add_argument("--n-pairs", type=int, default=per_data,
-                   help="pairs (x_hat, e) simulated from a stage")
-    p.add_argument("--ode-steps", type=int, default=per_data,
-                   help="the ODE of the pairs and 'ode' samples: 0 dopri5, N > 0 N midpoint steps")
+    p.add_argument("--reflow-steps", type=int, default=per_data, help="training steps of each later stage")
+    p.add_argument("--n-pairs", type=int, default=per_data, help="pairs (x_hat, e) simulated from a stage")
+    p.add_argument("--ode-steps", type=int, default=per_data, help="pairs' ODE: 0 dopri5, N midpoint steps")
     p.add_argument("--reflows", type=int, default=1, metavar="K", help="reflows after stage 1 (0 or more)")
     p.add_argument("--t1-frac", type=float, default=0.5, help="share of each reflow batch at t = 1")
     p.add_argument("--distill", action="store_true", help="also distill the stage that made the last pairs")
@@ -518,15 +516,16 @@ def get_args(argv=None):
     for key in FRACTIONS:
         if not 0 <= vars(args)[key] <= 1:
             p.error(f"--{key.replace('_', '-')} must be in [0, 1], got {vars(args)[key]}")
-    if args.seed < 0:
-        p.error(f"--seed must be 0 or more, got {args.seed}")
+    for key in NONNEGATIVE:
+        if vars(args)[key] < 0:
+            p.error(f"--{key.replace('_', '-')} must be 0 or more, got {vars(args)[key]}")
     if args.cond and args.data not in N_CLASSES:
         p.error(f"--cond needs data with labels ({', '.join(N_CLASSES)})")
     if args.guidance != 1 and not (args.cond and args.label_drop > 0):
         p.error("--guidance needs --cond and --label-drop > 0 (it uses the model without a label)")
     args.argv = sys.argv[1:] if argv is None else list(argv)
-    if args.reflows < 0 or args.distill and args.reflows == 0:
-        p.error("--reflows must be 0 or more, and --distill needs at least 1")
+    if args.distill and args.reflows == 0:
+        p.error("--distill needs --reflows 1 or more")
     return args
 
 

@@ -408,7 +408,9 @@ def test_method_flags_are_checked(capsys):
     for mod, flags, text in [(imf, ["--boundary-frac", "0.9", "--r0-frac", "0.2"], "at most 1"),
                              (reflow, ["--reflows", "0", "--distill"], "--distill needs"),
                              (rectified_flow, ["--source", "moons", "--data", "digits"], "toy --source"),
-                             (fm, ["--ode-steps", "0"], "--ode-steps must be")]:
+                             (fm, ["--ode-steps", "0"], "--ode-steps must be"),
+                             (reflow, ["--reflows", "-1"], "--reflows must be 0 or more"),
+                             (imf_reflow, ["--ode-steps", "-1"], "--ode-steps must be 0 or more")]:
         with pytest.raises(SystemExit):
             mod.main(flags)
         assert text in capsys.readouterr().err
