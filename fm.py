@@ -119,7 +119,7 @@ class ResMLP(nn.Module):
 
 
 class SmallUNet(nn.Module):
-    """U-Net for images: forward(z, *times, labels=None); a 4 ch quarter level if H, W are 16, 20, 24, ..."""
+    """U-Net for images: forward(z, *times, labels=None); H, W of 16, 20, 24, ...: a quarter level of 4 ch."""
 
     def __init__(self, shape, n_times=1, ch=32, n_classes=0, emb=64):
         super().__init__()
@@ -214,7 +214,8 @@ def load_images(name, data_dir):
 
 
 class Data:
-    """Training data in model coordinates (mean about 0, variance 1; images in [-1, 1]); held-out data."""
+    """Training data in model coordinates (toys about mean 0, variance 1; images in [-1, 1]); held-out data
+    (and the toys' floor set) in data coordinates."""
 
     def __init__(self, name, data_dir, seed, device, n_eval):
         self.name, self.data_dir, self.seed, self.device = name, data_dir, seed, device
@@ -274,12 +275,12 @@ def load_saved(path, config, resume):
         old = saved["config"]
     except Exception as err:
         raise RunError(f"cannot read {path} ({type(err).__name__}): delete it or use another --out") from None
-    diff = ", ".join(f"{k}: {old.get(k)} there, {config.get(k)} here"
-                     for k in {**old, **config} if old.get(k) != config.get(k))
-    if diff and resume:
+    keys = [k for k in {**old, **config} if old.get(k) != config.get(k)]
+    diff = ", ".join(f"{k}: {old.get(k)} there, {config.get(k)} here" for k in keys)
+    if resume and set(keys) - {"made_from"}:                # made_from: the hash of the file it came from
         raise RunError(f"{path} was made with other settings ({diff}): drop --resume or use another --out")
     if diff:
-        print(f"note: {path} was made with other settings ({diff}); making it again")
+        print(f"note: {path} does not match this run ({diff}); making it again")
     return None if diff else saved
 
 
@@ -387,8 +388,9 @@ def image_grid(x, labels=None, n=8):
 
 def plot_panels(path, title, panels, losses, metrics, labels=None):
     """A panel per (name, array), then the losses {stage: list}; an (N, K, 2) array: paths from t = 1 to 0."""
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(3.2 * (len(panels) + 1), 3.4))
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(3.2 * (len(panels) + 1), 3.4))
+    axes = fig.subplots(1, len(panels) + 1)
     for i, (ax, (name, x)) in enumerate(zip(axes, panels)):
         ratio = metrics.get(f"w2_ratio_{name}")
         name += " paths" if x.ndim == 3 else f": W2 {ratio:.2f}x floor" if ratio else ""
@@ -413,7 +415,6 @@ def plot_panels(path, title, panels, losses, metrics, labels=None):
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 # --- config ---
@@ -505,9 +506,9 @@ def run(args):
     if data.shape == (2,):
         panels.append(("ode", np.stack([data.to_data(z) for z in path[:, :300]], 1)))
     title = f"Flow Matching on {args.data}" + (f", guidance {w:g}" if y is not None else "")
+    save_results(args, samples, data, metrics, labels)
     plot_panels(os.path.join(args.out, "results.png"), f"{title}, {info['steps']} steps", panels,
                 {"flow matching": info["losses"]}, metrics, labels)
-    save_results(args, samples, data, metrics, labels)
     if info["interrupted"]:
         raise KeyboardInterrupt
     return metrics

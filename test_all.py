@@ -535,7 +535,7 @@ def test_resume_continues_from_the_saved_step(tmp_path, capsys):
 def test_two_stage_files_are_reused_only_from_the_same_upstream(tmp_path, capsys):
     """A rerun reuses every file; a changed stage-2 setting retrains stage 2 only; a changed stage 1 (other
     settings, or another file with the same settings) never meets its old pairs: pairs and stage 2 are
-    made again."""
+    made again, with --resume too (only another setting stops it)."""
     flags = ["--steps", "40", "--reflow-steps", "20", "--n-pairs", "64", "--n-eval", "50"]
     out = tmp_path / "o"
     mtime = lambda name: os.stat(out / name).st_mtime_ns  # noqa: E731
@@ -552,10 +552,10 @@ def test_two_stage_files_are_reused_only_from_the_same_upstream(tmp_path, capsys
     stage1["ema"] = stage1["model"]
     torch.save(stage1, out / "stage1.pt")
     capsys.readouterr()
-    run("reflow", out, *flags[:2], "--reflow-steps", "30", *flags[4:])
+    run("reflow", out, *flags[:2], "--reflow-steps", "30", *flags[4:], "--resume")
     printed = capsys.readouterr().out
-    assert "pairs1.pt was made with other settings (made_from" in printed
-    assert "stage2.pt was made with other settings (made_from" in printed
+    assert "pairs1.pt does not match this run (made_from" in printed
+    assert "stage2.pt does not match this run (made_from" in printed
     pairs = torch.load(out / "pairs1.pt", weights_only=True)
     model = reflow.make_model((2,), 1)
     model.load_state_dict(stage1["ema"])
