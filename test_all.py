@@ -225,7 +225,8 @@ def test_euler_and_ode_samplers_run_from_noise_to_data():
         def forward(self, z, *times, labels=None):
             return torch.ones_like(z)
     e = torch.randn(5, 2)
-    for mod in (fm, rectified_flow, reflow):
+    assert torch.allclose(fm.euler_sample(One(), e, 3)[0], e - 1)                 # fm: (z, NFE)
+    for mod in (rectified_flow, reflow):
         assert torch.allclose(mod.euler_sample(One(), e, 3), e - 1)
     assert torch.allclose(imf_reflow.euler_sample(One(), e, 3), e - 1)
     for solver, evals in (("euler", 4), ("midpoint", 8), ("rk4", 16), ("dopri5", None)):
@@ -289,6 +290,25 @@ def test_guidance_combines_two_outputs_in_one_call_and_counts_both():
     model2 = imf.make_model((2,), 2, n_classes=3)
     assert torch.allclose(imf_reflow.velocity(model2, z, t, y, 2.0), model2(z, t, t, labels=null) + 2.0 * (
         model2(z, t, t, labels=y) - model2(z, t, t, labels=null)), atol=1e-6)
+
+
+def test_guidance_interval_leaves_the_steps_outside_it_unguided():
+    """fm.py guides only for t in --guidance-interval: with [0, 0.9], 4 Euler steps take their step at t = 1
+    without guidance (one evaluation) and the other three guided (two each): 7 NFE, in the ODE too."""
+    torch.manual_seed(0)
+    model = fm.make_model((2,), 1, n_classes=3)
+    z, y = torch.randn(16, 2), torch.randint(0, 3, (16,))
+    want = z
+    for t in (1.0, 0.75, 0.5, 0.25):
+        want = want - 0.25 * fm.velocity(model, want, torch.full((16,), t), y, 1.0 if t > 0.9 else 2.0)
+    rows = []
+    model.register_forward_hook(lambda mod, inp, out: rows.append(len(inp[0])))
+    x, nfe = fm.euler_sample(model, z, 4, y, 2.0, (0.0, 0.9))
+    assert nfe == 7 and rows == [16, 32, 32, 32] and torch.allclose(x, want, atol=1e-6)
+    rows.clear()
+    path, nfe = fm.ode_generate(model, z, "euler", 4, y, 2.0, (0.0, 0.9))
+    assert nfe == 7 and rows == [16, 32, 32, 32] and torch.allclose(path[-1], want, atol=1e-6)
+    assert fm.euler_sample(model, z, 4, y, 2.0)[1] == 8                      # the default: every step
 
 
 def test_imf_guided_run_samples_in_one_call_per_step(tmp_path):
@@ -409,6 +429,7 @@ def test_method_flags_are_checked(capsys):
                              (reflow, ["--reflows", "0", "--distill"], "--distill needs"),
                              (rectified_flow, ["--source", "moons", "--data", "digits"], "toy --source"),
                              (fm, ["--ode-steps", "0"], "--ode-steps must be"),
+                             (fm, ["--guidance-interval", "0.9", "0.1"], "0 <= LO <= HI <= 1"),
                              (reflow, ["--reflows", "-1"], "--reflows must be 0 or more"),
                              (imf_reflow, ["--ode-steps", "-1"], "--ode-steps must be 0 or more")]:
         with pytest.raises(SystemExit):
@@ -434,6 +455,7 @@ def test_help_shows_the_defaults_per_dataset_and_works_under_python_OO(capsys):
     assert {(a.channels, a.batch_size, a.n_eval) for a in mnist} == {(16, 64, 1000)}
     assert all(a.steps <= 6000 and getattr(a, "reflow_steps", 0) <= 5000 for a in mnist)
     assert mods["fm"].get_args(["--data", "mnist"]).solver == "midpoint"              # not dopri5's 280 NFE
+    assert mods["fm"].get_args(["--data", "mnist"]).guidance_interval == [0.0, 0.9]  # not at t = 1
 
 
 def test_unreadable_and_mismatched_files_are_one_line_errors(tmp_path):
@@ -501,7 +523,7 @@ def test_mnist_path_of_each_script_on_tiny_idx_files(script, tmp_path):
         script, [])
     run(script, tmp_path / "out", *flags)
     saved = np.load(tmp_path / "out" / "samples.npz")
-    one_step = {"fm": "nfe2", "rectified_flow": "nfe2", "imf": "nfe1"}.get(script, "stage2_nfe1")  # guided: 2
+    one_step = {"rectified_flow": "nfe2"}.get(script, "stage2_nfe1" if script in TWO_STAGE else "nfe1")
     x = saved[one_step]
     assert x.shape == saved["real"].shape == (12, 1, 28, 28) and 0 <= x.min() and x.max() <= 1
     assert saved["labels"].shape == (12,) and str(saved["data"]) == "mnist"
@@ -647,6 +669,13 @@ def test_benchmarks_run(tmp_path, capsys):
     assert len(rows["chunk 4"]) == 2 and all(s > 0 for s in rows["chunk 8"])
     assert rows["euler, 8 steps"]["nfe"] == 8 and rows["rk4, 8 steps"]["nfe"] == 32
     assert rows["rk4, 8 steps"]["rms"] < rows["euler, 8 steps"]["rms"] < 1      # a higher order: closer
+    tiny_mnist(tmp_path / "data")
+    run("fm", tmp_path / "fm", "--data", "mnist", "--data-dir", str(tmp_path / "data"), "--steps", "3",
+        "--channels", "4", "--batch-size", "4", "--cond", "--guidance", "2")
+    interval = importlib.import_module("fm_guidance_interval")
+    nfes = interval.main([str(tmp_path / "fm")])
+    assert nfes["all_4"] == 8 and nfes["skip_first_4"] == 7 and nfes["heun_skip_first_3"] == 8
+    assert set(np.load(tmp_path / "fm" / "variants" / "samples.npz").files) >= set(interval.VARIANTS)
     recipe = importlib.import_module("imf_paper_recipe")
     metrics = recipe.main(["--sampler", "logit-normal", "--adaptive-p", "1", "--steps", "20",
                            "--n-eval", "50", "--out", str(tmp_path / "paper")])
