@@ -5,10 +5,9 @@ data x at t = 0, noise e ~ N(0, I) at t = 1 (the paper puts noise at t = 0: its 
   path      z_t = (1 - t) x + (sigma_min + (1 - sigma_min) t) e,  t ~ U(0, 1)
   loss      || v_theta(z_t, t) - dz_t/dt ||^2,  dz_t/dt = (1 - sigma_min) e - x
   sampling  dz/dt = v_theta(z, t) from t = 1 to 0: Euler by hand, or torchdiffeq (midpoint, rk4, dopri5, ...)
-  guidance  --cond --guidance W: v(no label) + W (v(label) - v(no label)), two network evaluations a step,
-            only for t in --guidance-interval (Kynkaanniemi et al., NeurIPS 2024)
-Departures from the paper: small networks with a low-frequency time embedding; on mnist no guidance above
-t = 0.9, where it hurt (measured: RESULTS.md).
+  guidance  --cond --guidance W: v(no label) + W (v(label) - v(no label)), two network evaluations a step
+Departures from the paper: small networks with a low-frequency time embedding; on mnist guidance only for
+t <= 0.9 (--guidance-interval, after Kynkaanniemi et al., NeurIPS 2024: at t = 1 it hurt, RESULTS.md).
 
   python fm.py                                      # moons, about 30 s on a laptop CPU: W2 vs the floor
   python fm.py --data digits --cond --guidance 2    # then: python evaluate.py outputs/fm
@@ -49,8 +48,7 @@ def velocity(model, z, t, labels=None, w=1.0):
 
 @torch.no_grad()
 def euler_sample(model, e, steps, labels=None, w=1.0, interval=(0.0, 1.0)):
-    """Euler from t = 1 to 0 in equal steps: z <- z + (t_next - t) v(z, t), guided only for t in the
-    interval; returns z and the network evaluations."""
+    """Euler from t = 1 to 0 in equal steps, z <- z + (t_next - t) v(z, t), guided in the interval: z, NFE."""
     z, ts, nfe = e, torch.linspace(1.0, 0.0, steps + 1, device=e.device), 0
     for i in range(steps):
         w_t = w if interval[0] <= ts[i] <= interval[1] else 1.0
@@ -62,8 +60,7 @@ def euler_sample(model, e, steps, labels=None, w=1.0, interval=(0.0, 1.0)):
 @torch.no_grad()
 def ode_generate(model, e, solver="dopri5", ode_steps=20, labels=None, w=1.0, interval=(0.0, 1.0), n_grid=1,
                  tol=1e-5):
-    """dz/dt = v(z, t) from t = 1 to 0 by torchdiffeq, guided only for t in the interval: the states at
-    n_grid + 1 equal times, and the NFE."""
+    """dz/dt = v(z, t) from t = 1 to 0 by torchdiffeq, guided in the interval: n_grid + 1 states, NFE."""
     from torchdiffeq import odeint
     nfe = [0]
 
@@ -506,13 +503,10 @@ def run(args):
     # Euler with 1 to 8 steps and the ODE solver, from the same noise, for the held-out set's labels
     e = eval_noise(data, args.seed + 3000, device)
     labels = data.heldout_labels if args.cond else None
-    y = None if labels is None else torch.as_tensor(labels, device=device)
-    w, interval = args.guidance, args.guidance_interval
-    out = {}
-    for k in (1, 2, 4, 8):                                  # keyed by their network evaluations
-        x, nfe = euler_sample(ema, e, k, y, w, interval)
-        out[f"nfe{nfe}"] = x
-    path, ode_nfe = ode_generate(ema, e, args.solver, args.ode_steps, y, w, interval, n_grid=16)
+    y, w = None if labels is None else torch.as_tensor(labels, device=device), args.guidance
+    runs = [euler_sample(ema, e, k, y, w, args.guidance_interval) for k in (1, 2, 4, 8)]
+    out = {f"nfe{nfe}": x for x, nfe in runs}               # keyed by their network evaluations
+    path, ode_nfe = ode_generate(ema, e, args.solver, args.ode_steps, y, w, args.guidance_interval, n_grid=16)
     samples = {k: data.to_data(v) for k, v in {**out, "ode": path[-1]}.items()}
     print(f"Flow Matching on {args.data}, {info['steps']} steps; Euler, and {args.solver} ({ode_nfe} NFE):")
     metrics = report_w2(samples, data) if data.shape == (2,) else {}
@@ -520,7 +514,7 @@ def run(args):
     panels = [("real (held-out)", data.heldout), *samples.items()]
     if data.shape == (2,):
         panels.append(("ode", np.stack([data.to_data(z) for z in path[:, :300]], 1)))
-    guided = f", guidance {w:g} for t in {interval}" if y is not None else ""
+    guided = f", guidance {w:g} for t in {args.guidance_interval}" if y is not None else ""
     title = f"Flow Matching on {args.data}{guided}"
     save_results(args, samples, data, metrics, labels)
     plot_panels(os.path.join(args.out, "results.png"), f"{title}, {info['steps']} steps", panels,

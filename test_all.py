@@ -225,9 +225,9 @@ def test_euler_and_ode_samplers_run_from_noise_to_data():
         def forward(self, z, *times, labels=None):
             return torch.ones_like(z)
     e = torch.randn(5, 2)
-    assert torch.allclose(fm.euler_sample(One(), e, 3)[0], e - 1)                 # fm: (z, NFE)
-    for mod in (rectified_flow, reflow):
-        assert torch.allclose(mod.euler_sample(One(), e, 3), e - 1)
+    for mod in (fm, rectified_flow):                                                # (z, NFE)
+        assert torch.allclose(mod.euler_sample(One(), e, 3)[0], e - 1)
+    assert torch.allclose(reflow.euler_sample(One(), e, 3), e - 1)
     assert torch.allclose(imf_reflow.euler_sample(One(), e, 3), e - 1)
     for solver, evals in (("euler", 4), ("midpoint", 8), ("rk4", 16), ("dopri5", None)):
         path, nfe = fm.ode_generate(One(), e, solver, 4)
@@ -293,8 +293,9 @@ def test_guidance_combines_two_outputs_in_one_call_and_counts_both():
 
 
 def test_guidance_interval_leaves_the_steps_outside_it_unguided():
-    """fm.py guides only for t in --guidance-interval: with [0, 0.9], 4 Euler steps take their step at t = 1
-    without guidance (one evaluation) and the other three guided (two each): 7 NFE, in the ODE too."""
+    """fm.py and rectified_flow.py guide only for t in --guidance-interval: with [0, 0.9], 4 Euler steps take
+    their step at t = 1 without guidance (one evaluation) and the other three guided (two each): 7 NFE, in the
+    ODE too."""
     torch.manual_seed(0)
     model = fm.make_model((2,), 1, n_classes=3)
     z, y = torch.randn(16, 2), torch.randint(0, 3, (16,))
@@ -305,6 +306,7 @@ def test_guidance_interval_leaves_the_steps_outside_it_unguided():
     model.register_forward_hook(lambda mod, inp, out: rows.append(len(inp[0])))
     x, nfe = fm.euler_sample(model, z, 4, y, 2.0, (0.0, 0.9))
     assert nfe == 7 and rows == [16, 32, 32, 32] and torch.allclose(x, want, atol=1e-6)
+    assert torch.equal(rectified_flow.euler_sample(model, z, 4, y, 2.0, (0.0, 0.9))[0], x)
     rows.clear()
     path, nfe = fm.ode_generate(model, z, "euler", 4, y, 2.0, (0.0, 0.9))
     assert nfe == 7 and rows == [16, 32, 32, 32] and torch.allclose(path[-1], want, atol=1e-6)
