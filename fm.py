@@ -5,7 +5,7 @@ data x at t = 0, noise e ~ N(0, I) at t = 1 (the paper puts noise at t = 0: its 
   path      z_t = (1 - t) x + (sigma_min + (1 - sigma_min) t) e,  t ~ U(0, 1)
   loss      || v_theta(z_t, t) - dz_t/dt ||^2,  dz_t/dt = (1 - sigma_min) e - x
   sampling  dz/dt = v_theta(z, t) from t = 1 to 0: Euler by hand, or torchdiffeq (midpoint, rk4, dopri5, ...)
-  guidance  --cond --guidance W: v(no label) + W (v(label) - v(no label)), two network evaluations a step
+  guidance  --cond --guidance W: v(no label) + W (v(label) - v(no label)) for t in --guidance-interval
 Departures from the paper: small networks with a low-frequency time embedding; on mnist guidance only for
 t <= 0.9 (--guidance-interval, after Kynkaanniemi et al., NeurIPS 2024: at t = 1 it hurt, RESULTS.md).
 

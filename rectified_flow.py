@@ -10,7 +10,7 @@ t = 0: its t is our 1 - t, and its velocity X1 - X0 is minus ours).
   straightness  S = E int_0^1 ||(z_1 - z_0) - v(z_t, t)||^2 dt on the simulated ODE (0: straight paths);
   transport     C = E ||z_0 - z_1||^2. The straight lines of the independent coupling cross, the ODE's paths
                 cannot: they bend, and one step averages over the crossings (reflow.py straightens them).
-  guidance      --cond --guidance W: v(no label) + W (v(label) - v(no label)), 2 network evaluations per step
+  guidance      --cond --guidance W: v(no label) + W (v(label) - v(no label)) for t in --guidance-interval
 Departures from the paper: small networks with a low-frequency time embedding.
 
   python rectified_flow.py                                  # N(0, I) -> moons, about 30 s on a laptop CPU
