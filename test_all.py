@@ -605,7 +605,7 @@ def test_ctrl_c_saves_the_checkpoint_and_the_figure(tmp_path):
     """SIGINT while training stage 1: its file (at the step reached), the samples of stage 1 and the figure
     are written, no stage 2 is started, and the exit code is 130."""
     flags = ["--steps", "100000", "--ckpt-every", "50", "--n-eval", "100", "--out", str(tmp_path)]
-    # SIGINT at its default in the child: a shell's background job ignores it, and so would Python started there
+    # SIGINT at its default in the child: a shell's background job ignores it, and Python started there too
     proc = subprocess.Popen([sys.executable, os.path.join(HERE, "reflow.py"), *flags], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
