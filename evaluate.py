@@ -141,8 +141,10 @@ def evaluate(path, data_dir=None):
     if real.ndim == 2:                                      # 2D: exact W2, and the nearest real point's label
         metric, floor = "W2", w2_distance(floor_set, real)
     else:                                                   # images: FD in the classifier's features
-        metric, (train, train_labels) = "FD", load_images(name, data_dir)[:2]
+        metric, (train, train_labels, held, held_labels) = "FD", load_images(name, data_dir)
         net = image_classifier(name, train, train_labels, data_dir).requires_grad_(False)
+        right = (net(held).argmax(1) == held_labels).float().mean()
+        print(f"classifier: accuracy {right:.3f} on {len(held)} held-out real images (it scores 'accuracy')")
         real_features, g = net.features(torch.as_tensor(real)), torch.Generator().manual_seed(seed + 2000)
         subsets = [train[torch.randperm(len(train), generator=g)[:len(real)]] for _ in range(5)]
         floor = float(np.mean([frechet_distance(net.features(x), real_features) for x in subsets]))

@@ -225,10 +225,8 @@ def test_euler_and_ode_samplers_run_from_noise_to_data():
         def forward(self, z, *times, labels=None):
             return torch.ones_like(z)
     e = torch.randn(5, 2)
-    for mod in (fm, rectified_flow):                                                # (z, NFE)
+    for mod in (fm, rectified_flow, reflow, imf_reflow):                            # (z, NFE)
         assert torch.allclose(mod.euler_sample(One(), e, 3)[0], e - 1)
-    assert torch.allclose(reflow.euler_sample(One(), e, 3), e - 1)
-    assert torch.allclose(imf_reflow.euler_sample(One(), e, 3), e - 1)
     for solver, evals in (("euler", 4), ("midpoint", 8), ("rk4", 16), ("dopri5", None)):
         path, nfe = fm.ode_generate(One(), e, solver, 4)
         assert torch.allclose(path[-1], e - 1, atol=1e-5) and (evals is None or nfe == evals)
@@ -293,9 +291,9 @@ def test_guidance_combines_two_outputs_in_one_call_and_counts_both():
 
 
 def test_guidance_interval_leaves_the_steps_outside_it_unguided():
-    """fm.py and rectified_flow.py guide only for t in --guidance-interval: with [0, 0.9], 4 Euler steps take
-    their step at t = 1 without guidance (one evaluation) and the other three guided (two each): 7 NFE, in the
-    ODE too."""
+    """fm.py and rectified_flow.py guide only for t in --guidance-interval, and so do the teachers' ODEs of
+    reflow.py and imf_reflow.py, which make their pairs: with [0, 0.9], 4 Euler steps take their step at
+    t = 1 without guidance (one evaluation) and the other three guided (two each): 7 NFE, in the ODE too."""
     torch.manual_seed(0)
     model = fm.make_model((2,), 1, n_classes=3)
     z, y = torch.randn(16, 2), torch.randint(0, 3, (16,))
@@ -311,6 +309,14 @@ def test_guidance_interval_leaves_the_steps_outside_it_unguided():
     path, nfe = fm.ode_generate(model, z, "euler", 4, y, 2.0, (0.0, 0.9))
     assert nfe == 7 and rows == [16, 32, 32, 32] and torch.allclose(path[-1], want, atol=1e-6)
     assert fm.euler_sample(model, z, 4, y, 2.0)[1] == 8                      # the default: every step
+    for mod, net in ((reflow, model), (imf_reflow, imf.make_model((2,), 2, n_classes=3))):   # their teachers
+        assert mod.euler_sample(net, z, 4, y, 2.0, (0.0, 0.9))[1] == 7
+        assert mod is imf_reflow or torch.equal(mod.euler_sample(net, z, 4, y, 2.0, (0.0, 0.9))[0], x)
+        x_hat, e, labels, nfe = mod.make_pairs(net, 16, (2,), 0, 3, 2.0, (0.0, 0.9), steps=4)
+        assert nfe == 15                          # midpoint: t = 1 unguided, 0.875, 0.75, ..., 0.125 guided
+        path, nfe = mod.ode_generate(net, e, labels, 2.0, (0.0, 0.9), steps=4)
+        assert nfe == 15 and torch.allclose(x_hat, path[-1])
+        assert not torch.equal(x_hat, mod.ode_generate(net, e, labels, 2.0, steps=4)[0][-1])    # all guided
 
 
 def test_imf_guided_run_samples_in_one_call_per_step(tmp_path):
@@ -386,7 +392,8 @@ def test_unet_quarter_level_only_for_larger_images():
 
 def test_fd_ranks_real_digits_near_the_floor_and_noise_far_above(tmp_path, capsys):
     """evaluate.py on digits: a set of real training digits scores near 1x, uniform noise and the mean digit
-    far above; a corrupt cached classifier is retrained with a note; FD of a set to itself is 0."""
+    far above; a corrupt cached classifier is retrained with a note and classifies held-out digits; FD of a
+    set to itself is 0."""
     f = np.random.default_rng(0).standard_normal((200, 5))
     assert abs(evaluate.frechet_distance(f, f)) < 1e-6 and evaluate.frechet_distance(f, f + 1) > 4.9
     train, _, heldout, labels = evaluate.load_images("digits", "data")
@@ -397,7 +404,9 @@ def test_fd_ranks_real_digits_near_the_floor_and_noise_far_above(tmp_path, capsy
              noise=rng.uniform(0, 1, (360, 1, 8, 8)), mean=mean_digit)
     (tmp_path / "digits_classifier.pt").write_bytes(b"not a checkpoint")
     scores = evaluate.evaluate(str(tmp_path), str(tmp_path))
-    assert "training the classifier again" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "training the classifier again" in out
+    assert float(out.split("classifier: accuracy ")[1].split()[0]) > 0.9                # 0.964 measured
     assert scores["train"]["ratio"] < 1.6 and scores["noise"]["ratio"] > 10 and scores["mean"]["ratio"] > 30
     assert scores["noise"]["accuracy"] < 0.3                      # asked for the held-out labels
 
@@ -432,6 +441,7 @@ def test_method_flags_are_checked(capsys):
                              (rectified_flow, ["--source", "moons", "--data", "digits"], "toy --source"),
                              (fm, ["--ode-steps", "0"], "--ode-steps must be"),
                              (fm, ["--guidance-interval", "0.9", "0.1"], "0 <= LO <= HI <= 1"),
+                             (reflow, ["--guidance-interval", "0.5", "0.2"], "0 <= LO <= HI <= 1"),
                              (reflow, ["--reflows", "-1"], "--reflows must be 0 or more"),
                              (imf_reflow, ["--ode-steps", "-1"], "--ode-steps must be 0 or more")]:
         with pytest.raises(SystemExit):
@@ -457,7 +467,8 @@ def test_help_shows_the_defaults_per_dataset_and_works_under_python_OO(capsys):
     assert {(a.channels, a.batch_size, a.n_eval) for a in mnist} == {(16, 64, 1000)}
     assert all(a.steps <= 6000 and getattr(a, "reflow_steps", 0) <= 5000 for a in mnist)
     assert mods["fm"].get_args(["--data", "mnist"]).solver == "midpoint"              # not dopri5's 280 NFE
-    assert mods["fm"].get_args(["--data", "mnist"]).guidance_interval == [0.0, 0.9]  # not at t = 1
+    for script in ["fm", "reflow", "imf_reflow"]:                                     # not at t = 1
+        assert mods[script].get_args(["--data", "mnist"]).guidance_interval == [0.0, 0.9]
 
 
 def test_unreadable_and_mismatched_files_are_one_line_errors(tmp_path):
@@ -536,8 +547,11 @@ def test_mnist_path_of_each_script_on_tiny_idx_files(script, tmp_path):
         model = mods[script].make_model((1, 28, 28), 2 if script == "imf_reflow" else 1, 4, 10)
         model.load_state_dict(torch.load(tmp_path / "out" / "stage1.pt", weights_only=True)["ema"])
         steps = mods[script].DEFAULTS["mnist"]["ode_steps"]                  # mnist: fixed midpoint steps
-        x_hat = mods[script].ode_generate(model, pairs["e"], pairs["labels"], 2.0, steps=steps)[0][-1]
-        assert steps > 0 and pairs["nfe"] == 2 * 2 * steps                   # guided midpoint: 2 x 2 a step
+        lo, hi = mods[script].DEFAULTS["mnist"]["guidance_interval"]
+        x_hat = mods[script].ode_generate(model, pairs["e"], pairs["labels"], 2.0, (lo, hi), steps=steps)
+        x_hat = x_hat[0][-1]
+        times = [1 - k / (2 * steps) for k in range(2 * steps)]               # midpoint: 2 evaluations a step
+        assert steps > 0 and pairs["nfe"] == sum(2 if lo <= t <= hi else 1 for t in times)    # guided: 2 each
         assert torch.allclose(x_hat, pairs["x_hat"], atol=1e-6)
 
 
@@ -684,6 +698,10 @@ def test_benchmarks_run(tmp_path, capsys):
     nfes = interval.main([str(tmp_path / "fm")])
     assert nfes["all_4"] == 8 and nfes["skip_first_4"] == 7 and nfes["heun_skip_first_3"] == 8
     assert set(np.load(tmp_path / "fm" / "variants" / "samples.npz").files) >= set(interval.VARIANTS)
+    check = importlib.import_module("classifier_check")       # its "averaged 0" is evaluate.py's classifier
+    nets = check.main(["--data-dir", str(tmp_path / "data"), "--seeds", "0", "--", str(tmp_path / "fm")])
+    own = evaluate.image_classifier("mnist", *evaluate.load_images("mnist", tmp_path / "data")[:2], tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(nets["averaged", 0].parameters(), own.parameters()))
     recipe = importlib.import_module("imf_paper_recipe")
     metrics = recipe.main(["--sampler", "logit-normal", "--adaptive-p", "1", "--steps", "20",
                            "--n-eval", "50", "--out", str(tmp_path / "paper")])
