@@ -8,7 +8,8 @@ the same distance for real data (so 1.0x is as good as real data):
   images   the Frechet distance (FD) in the 64 features of a small classifier of the dataset's digits, as FID
            does with an Inception network; the classifier is trained on the training split the first time and
            cached in --data-dir. Floor: the mean FD of five training subsets the size of the held-out set
-  labels   for conditional samples, the share classified as the class asked for (2D: the nearest real point's)
+  labels   for conditional samples, the share classified as the class asked for (2D: the nearest real
+           point's); for images it first prints the classifier's own accuracy on held-out real images
 No script imports this file; it writes the numbers to OUT/scores.json too.
 """
 import argparse
@@ -144,7 +145,7 @@ def evaluate(path, data_dir=None):
         metric, (train, train_labels, held, held_labels) = "FD", load_images(name, data_dir)
         net = image_classifier(name, train, train_labels, data_dir).requires_grad_(False)
         right = (net(held).argmax(1) == held_labels).float().mean()
-        print(f"classifier: accuracy {right:.3f} on {len(held)} held-out real images (it scores 'accuracy')")
+        print(f"classifier: accuracy {right:.3f} on {len(held)} held-out real images")
         real_features, g = net.features(torch.as_tensor(real)), torch.Generator().manual_seed(seed + 2000)
         subsets = [train[torch.randperm(len(train), generator=g)[:len(real)]] for _ in range(5)]
         floor = float(np.mean([frechet_distance(net.features(x), real_features) for x in subsets]))

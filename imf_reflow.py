@@ -14,7 +14,7 @@ ICLR 2023), with the collection's time convention: data x at t = 0, noise e ~ N(
              samples without guidance
 Departures from the papers (measured: RESULTS.md): a flow-matching teacher by default (half the cost a step,
 and a better stage 2); imf.py's (r, t) sampler, the boundary t the larger of two uniforms; small networks;
-on mnist the teacher's ODE unguided for t > 0.9 (as in fm.py, after Kynkaanniemi et al., NeurIPS 2024).
+on mnist the fm teacher's ODE unguided for t > 0.9 (as fm.py, after Kynkaanniemi et al., NeurIPS 2024).
 
   python imf_reflow.py                  # moons: teacher, dopri5 pairs, iMF; about a minute on a laptop CPU
   python imf_reflow.py --teacher imf    # an iMF teacher instead of flow matching
@@ -623,7 +623,7 @@ def get_pairs(k, model, w, args, shape, n_classes):
     """The pairs of stage k: --out/pairs<k>.pt if made with these settings from this very stage file, else
     simulated by the stage's ODE (guided with w) and saved there."""
     config = {"n_pairs": args.n_pairs, "ode_steps": args.ode_steps, "seed": args.seed, "guidance": w,
-              "guidance_interval": args.guidance_interval,
+              "guidance_interval": args.guidance_interval if w != 1 else None,
               "made_from": file_hash(os.path.join(args.out, f"stage{k}.pt"))}
     path = os.path.join(args.out, f"pairs{k}.pt")
     pairs = load_saved(path, config, args.resume)
@@ -707,7 +707,8 @@ def run(args):
     metrics.update(stages=infos, pairs=pair_infos)
     panels = [("real (held-out)", data.heldout)] + [(k, data.to_data(v)) for k, v in panels]
     title = f"iMF on a reflow coupling, {args.data}"
-    title += f", guidance {args.guidance:g} for t in {args.guidance_interval}" if y is not None else ""
+    title += f", guidance {args.guidance:g}" if y is not None else ""
+    title += f" for t in {args.guidance_interval}" if y is not None and fm else ""
     title += ": " + " -> ".join(f"{name} ({info['steps']} steps)" for name, info in infos.items())
     save_results(args, samples, data, metrics, labels)
     plot_panels(os.path.join(args.out, "results.png"), title, panels, losses, metrics, labels)

@@ -568,7 +568,7 @@ def get_pairs(k, model, w, args, shape, n_classes):
     """The pairs of stage k: --out/pairs<k>.pt if made with these settings from this very stage file, else
     simulated by the stage's ODE (guided with w) and saved there."""
     config = {"n_pairs": args.n_pairs, "ode_steps": args.ode_steps, "seed": args.seed, "guidance": w,
-              "guidance_interval": args.guidance_interval,
+              "guidance_interval": args.guidance_interval if w != 1 else None,
               "made_from": file_hash(os.path.join(args.out, f"stage{k}.pt"))}
     path = os.path.join(args.out, f"pairs{k}.pt")
     pairs = load_saved(path, config, args.resume)

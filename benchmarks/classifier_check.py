@@ -1,6 +1,6 @@
 """How much evaluate.py's image numbers depend on its classifier. It trains evaluate.FeatureNet (its last
 feature map averaged to one value per channel) and a variant that flattens that map instead, each with a few
-seeds and evaluate.py's recipe (seed 0 of the first is the classifier evaluate.py caches), prints each one's
+seeds and evaluate.py's recipe (seed 0 of the first is the classifier evaluate.py trains), prints each one's
 accuracy on the held-out real images, then scores the samples of the OUT folders given with every one (FD /
 floor and label accuracy, as evaluate.py does). From the repository root:
 
@@ -12,6 +12,7 @@ import contextlib
 import io
 import os
 import sys
+import tempfile
 
 import numpy as np
 import torch
@@ -39,18 +40,23 @@ class FlatFeatureNet(nn.Module):
         return self.head(self.features(x))
 
 
-def train_classifier(kind, train, labels, seed):
-    """evaluate.image_classifier's training loop (Adam 2e-3, batch 128, its number of steps), no cache."""
+def train_classifier(kind, name, train, labels, seed):
+    """'averaged': evaluate.image_classifier itself, cached in a temporary folder; 'flattened': its training
+    loop (Adam 2e-3, batch 128, its number of steps) on FlatFeatureNet."""
+    if kind == "averaged":
+        with tempfile.TemporaryDirectory() as folder:
+            return evaluate.image_classifier(name, train, labels, folder, seed).requires_grad_(False)
     steps = min(2000, max(300, 20 * len(train) // 128))
-    torch.manual_seed(seed)
-    net = evaluate.FeatureNet(train.shape[1]) if kind == "averaged" else FlatFeatureNet(train.shape[1:])
-    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
-    for _ in range(steps):
-        i = torch.randint(len(train), (128,))
-        loss = F.cross_entropy(net(train[i]), labels[i])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = FlatFeatureNet(train.shape[1:])
+        opt = torch.optim.Adam(net.parameters(), lr=2e-3)
+        for _ in range(steps):
+            i = torch.randint(len(train), (128,))
+            loss = F.cross_entropy(net(train[i]), labels[i])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
     return net.eval().requires_grad_(False)
 
 
@@ -65,7 +71,7 @@ def main(argv=None):
     nets, rows = {}, ["| classifier | seed | accuracy on held-out real images |", "|---|---|---|"]
     for kind in ["averaged", "flattened"]:
         for seed in args.seeds:
-            net = nets[kind, seed] = train_classifier(kind, train, labels, seed)
+            net = nets[kind, seed] = train_classifier(kind, args.data, train, labels, seed)
             right = (net(held).argmax(1) == held_labels).float().mean()
             rows.append(f"| {kind} | {seed} | {right:.3f} |")
     print("\n".join(rows))
@@ -73,6 +79,9 @@ def main(argv=None):
             "|---|---|" + "---|" * len(nets)]
     real_image_classifier = evaluate.image_classifier
     for out in args.outs:
+        path = os.path.join(out, "samples.npz") if os.path.isdir(out) else out
+        if str(np.load(path)["data"]) != args.data:
+            p.error(f"{out} holds samples of {np.load(path)['data']}, not of --data {args.data}")
         scores = {}
         for key, net in nets.items():
             evaluate.image_classifier = lambda *a, net=net, **k: net

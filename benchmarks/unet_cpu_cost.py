@@ -1,7 +1,7 @@
-"""Training-step cost of the image U-Net on MNIST-shaped batches (1 x 28 x 28, the quarter level included), for
-the settings that decide how fast a CPU trains it: channels, memory format (the scripts' channels-last against
-PyTorch's default), batch size, threads, and the flow-matching step against iMF's. Variants are timed in
-alternating blocks in one process after an untimed warm-up block each, so that all see the same machine
+"""Training-step cost of the image U-Net on MNIST-shaped batches (1 x 28 x 28, the quarter level included),
+for the settings that decide how fast a CPU trains it: channels, memory format (the scripts' channels-last
+against PyTorch's default), batch size, threads, and the flow-matching step against iMF's. Variants are timed
+in alternating blocks in one process after an untimed warm-up block each, so that all see the same machine
 state; the data are random images (no download). From the repository root:
 
     python benchmarks/unet_cpu_cost.py                  # 3 rounds of 20 steps per variant, a few minutes
