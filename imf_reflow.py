@@ -685,14 +685,14 @@ def run(args):
     for name, model in stages.items():
         euler = name == "stage1" and fm
         w = args.guidance if euler else 1.0
-        nfes = []
         for n in (1, 2, 4):
             if euler:
                 x, nfe = euler_sample(model, e, n, y, w, args.guidance_interval)
             else:
                 x, nfe = sample(model, e, n, y), n
             out[f"{name}_nfe{nfe}"] = x
-            nfes.append(nfe)
+            if n == 1:
+                one_step = f"{name}_nfe{nfe}"               # 2 NFE for a guided step
         n_grid = 100 if data.shape == (2,) else 10         # the path's points for its straightness
         path, infos[name]["ode_nfe"] = ode_generate(model, e, y, w, args.guidance_interval, n_grid,
                                                     args.ode_steps)
@@ -701,7 +701,7 @@ def run(args):
         infos[name].update(straightness=S, transport_cost=C)
         print(f"{name}: {infos[name]['steps']} steps, straightness {S:.4f}, transport cost {C:.4f}")
         panels.append((f"{name}_ode", path[:, :300].transpose(0, 1) if data.shape == (2,) else path[-1]))
-        panels.append((f"{name}_nfe{nfes[0]}", out[f"{name}_nfe{nfes[0]}"]))
+        panels.append((one_step, out[one_step]))
     samples = {k: data.to_data(v) for k, v in out.items()}
     metrics = report_w2(samples, data) if data.shape == (2,) else {}
     metrics.update(stages=infos, pairs=pair_infos)

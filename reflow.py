@@ -630,11 +630,11 @@ def run(args):
     losses, out, panels = {name: info.pop("losses") for name, info in infos.items()}, {}, []
     for name, model in stages.items():
         w = args.guidance if name == "stage1" else 1.0
-        nfes = []
         for n in (1,) if name == "distill" else (1, 2, 4):
             x, nfe = euler_sample(model, e, n, y, w, args.guidance_interval)
             out[f"{name}_nfe{nfe}"] = x
-            nfes.append(nfe)
+            if n == 1:
+                one_step = f"{name}_nfe{nfe}"               # 2 NFE for a guided step
         if name != "distill":
             n_grid = 100 if data.shape == (2,) else 10     # the path's points for its straightness
             path, infos[name]["ode_nfe"] = ode_generate(model, e, y, w, args.guidance_interval, n_grid,
@@ -644,7 +644,7 @@ def run(args):
             infos[name].update(straightness=S, transport_cost=C)
             print(f"{name}: {infos[name]['steps']} steps, straightness {S:.4f}, transport cost {C:.4f}")
             panels.append((f"{name}_ode", path[:, :300].transpose(0, 1) if data.shape == (2,) else path[-1]))
-        panels.append((f"{name}_nfe{nfes[0]}", out[f"{name}_nfe{nfes[0]}"]))
+        panels.append((one_step, out[one_step]))
     samples = {k: data.to_data(v) for k, v in out.items()}
     metrics = report_w2(samples, data) if data.shape == (2,) else {}
     metrics.update(stages=infos, pairs=pair_infos)
