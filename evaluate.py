@@ -64,16 +64,18 @@ def w2_distance(a, b):
 
 
 class FeatureNet(nn.Module):
-    """A small CNN classifier of the dataset's classes; its penultimate layer (64 features) is where image
-    samples are compared."""
+    """A small CNN classifier of the dataset's classes; its penultimate layer (64 features of the whole last
+    feature map) is where image samples are compared. (Averaging that map instead, it classified only 0.71-0.78
+    of real held-out MNIST digits right: benchmarks/classifier_check.py.)"""
 
-    def __init__(self, in_ch=1, n_classes=10):
+    def __init__(self, shape, n_classes=10):
         super().__init__()
+        h, w = (shape[1] + 3) // 4, (shape[2] + 3) // 4       # after two stride-2 convolutions
         self.features = nn.Sequential(
-            nn.Conv2d(in_ch, 32, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(shape[0], 32, 3, padding=1), nn.ReLU(),
             nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(),
             nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 64), nn.ReLU())
+            nn.Flatten(), nn.Linear(64 * h * w, 64), nn.ReLU())
         self.head = nn.Linear(64, n_classes)
 
     def forward(self, x):
@@ -86,9 +88,9 @@ def image_classifier(name, train, labels, data_dir, seed=0):
     there."""
     steps = min(2000, max(300, 20 * len(train) // 128))
     settings = {"data": name, "shape": list(train.shape[1:]), "n_train": len(train), "steps": steps,
-                "seed": seed, "net": "FeatureNet 32-64-64-64"}
+                "seed": seed, "net": "FeatureNet 32-64-64, flattened to 64"}
     path = os.path.join(data_dir, f"{name}_classifier.pt")
-    net = FeatureNet(train.shape[1])
+    net = FeatureNet(train.shape[1:])
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
         if saved["settings"] == settings:
@@ -101,7 +103,7 @@ def image_classifier(name, train, labels, data_dir, seed=0):
         print(f"note: cannot read {path} ({type(err).__name__}); training the classifier again")
     with torch.random.fork_rng(devices=[]):                 # the caller's random state stays as it was
         torch.manual_seed(seed)
-        net = FeatureNet(train.shape[1])
+        net = FeatureNet(train.shape[1:])
         opt = torch.optim.Adam(net.parameters(), lr=2e-3)
         for _ in range(steps):
             i = torch.randint(len(train), (128,))

@@ -698,10 +698,10 @@ def test_benchmarks_run(tmp_path, capsys):
     nfes = interval.main([str(tmp_path / "fm")])
     assert nfes["all_4"] == 8 and nfes["skip_first_4"] == 7 and nfes["heun_skip_first_3"] == 8
     assert set(np.load(tmp_path / "fm" / "variants" / "samples.npz").files) >= set(interval.VARIANTS)
-    check = importlib.import_module("classifier_check")       # its "averaged 0" is evaluate.py's classifier
+    check = importlib.import_module("classifier_check")       # its "flattened 0" is evaluate.py's classifier
     nets = check.main(["--data-dir", str(tmp_path / "data"), "--seeds", "0", "--", str(tmp_path / "fm")])
     own = evaluate.image_classifier("mnist", *evaluate.load_images("mnist", tmp_path / "data")[:2], tmp_path)
-    assert all(torch.equal(a, b) for a, b in zip(nets["averaged", 0].parameters(), own.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(nets["flattened", 0].parameters(), own.parameters()))
     recipe = importlib.import_module("imf_paper_recipe")
     metrics = recipe.main(["--sampler", "logit-normal", "--adaptive-p", "1", "--steps", "20",
                            "--n-eval", "50", "--out", str(tmp_path / "paper")])
