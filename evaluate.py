@@ -65,8 +65,8 @@ def w2_distance(a, b):
 
 class FeatureNet(nn.Module):
     """A small CNN classifier of the dataset's classes; its penultimate layer (64 features of the whole last
-    feature map) is where image samples are compared. (Averaging that map instead, it classified only 0.71-0.78
-    of real held-out MNIST digits right: benchmarks/classifier_check.py.)"""
+    feature map) is where image samples are compared. (Averaging that map instead, it classified only
+    0.71-0.78 of real held-out MNIST digits right: benchmarks/classifier_check.py.)"""
 
     def __init__(self, shape, n_classes=10):
         super().__init__()

@@ -69,7 +69,7 @@ def degraded(train, n, seed=5):
     speckle = torch.where(torch.rand(x.shape, generator=g) < 0.02, torch.rand(x.shape, generator=g), x)
     return {"train": x, **noisy, "random_2pct_of_pixels": speckle,
             "blur_3x3_mean": F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, 1),
-            "shift_2px_right": torch.roll(x, 2, dims=3), "thicker_3x3_max": F.max_pool2d(x, 3, 1, 1)}
+            "shift_2px_right": F.pad(x, (2, 0))[..., :-2], "thicker_3x3_max": F.max_pool2d(x, 3, 1, 1)}
 
 
 def main(argv=None):
@@ -108,7 +108,7 @@ def main(argv=None):
                 finally:
                     evaluate.image_classifier = real_image_classifier
             for sampler in scores[next(iter(nets))]:
-                cells = [f"{s[sampler]['ratio']:.2f}x" for s in scores.values()]
+                cells = [f"{s[sampler]['distance'] / s[sampler]['floor']:.2f}x" for s in scores.values()]
                 if "accuracy" in scores[next(iter(nets))][sampler]:
                     cells = [f"{c} ({s[sampler]['accuracy']:.3f})" for c, s in zip(cells, scores.values())]
                 name = "real training images" if out == defects else out
