@@ -2,16 +2,14 @@
 
   python evaluate.py OUT       # OUT: the --out folder of any of the five scripts, or a samples.npz
 
-For each sampler setting in samples.npz it prints the distance to the held-out real set next to the floor,
-the same distance for real data (so 1.0x is as good as real data):
+For each sampler setting in samples.npz it prints the distance to the held-out real set next to the floor:
   2D toys  the exact 2-Wasserstein distance (optimal matching); floor: the saved second real set
-  images   the Frechet distance (FD) in the 64 features of a small classifier of the dataset's digits, as FID
-           does with an Inception network; the classifier is trained on the training split the first time and
-           cached in --data-dir. Floor: the mean FD of five training subsets the size of the held-out set
-  labels   for conditional samples, the share classified as the class asked for (2D: the nearest real
-           point's); for images it first prints the classifier's own accuracy on held-out real images
-No script imports this file; it writes the numbers to OUT/scores.json too.
-"""
+  images   the Frechet distance (FD) in the 64 features of a small classifier, as FID does with Inception; its
+           weights are shipped in classifiers/, its features computed in float64: every machine scores alike.
+           Floor: the mean FD of five training subsets (MNIST: those in --data-dir) the size of the held-out
+           set. Compare with real data, not 1.0x: other real sets score 0.7-1.1x on digits, 0.9-1.5x on MNIST
+  labels   conditional samples: the share classified as the class asked for (2D: the nearest real point's)
+It refuses in one line what it cannot score honestly, and writes the numbers to OUT/scores.json too."""
 import argparse
 import json
 import os
@@ -22,9 +20,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+
 
 class RunError(Exception):
-    """A problem the user can fix (a file, a device, the data, a diverged loss): main prints one line."""
+    """A problem the user can fix (a file, the data, a diverged loss): one line, no traceback."""
 
 
 def load_images(name, data_dir):
@@ -39,23 +39,18 @@ def load_images(name, data_dir):
         from torchvision.datasets import MNIST
         train, test = MNIST(data_dir, train=True, download=True), MNIST(data_dir, train=False, download=True)
     except Exception as err:                                # no network, broken files, ...
-        why = " ".join(str(err).split())[:120]              # (torchvision's message has several lines)
-        raise RunError(f"cannot load MNIST in {data_dir!r} ({type(err).__name__}: {why}); "
-                       "--data digits works offline") from None
+        why = " ".join(str(err).split())[:120]
+        raise RunError(f"cannot load MNIST in {data_dir!r} ({why}); --data digits works offline") from None
     return train.data[:, None] / 255, train.targets, test.data[:2000, None] / 255, test.targets[:2000]
 
 
-def save_checkpoint(path, state):
-    """Write to a temporary file, then os.replace it: never a half-written file."""
-    torch.save(state, f"{path}.{os.getpid()}.tmp")
-    os.replace(f"{path}.{os.getpid()}.tmp", path)
-
-
 def w2_distance(a, b):
-    """Exact 2-Wasserstein distance of two equal-size point sets, by an optimal matching."""
+    """Exact 2-Wasserstein distance of two point sets of one size, by an optimal matching."""
     from scipy.optimize import linear_sum_assignment
     a = torch.as_tensor(a, dtype=torch.float64).reshape(len(a), -1)
     b = torch.as_tensor(b, dtype=torch.float64).reshape(len(b), -1)
+    if a.shape != b.shape:
+        raise RunError(f"W2 needs two sets of one size and shape, got {tuple(a.shape)} and {tuple(b.shape)}")
     if a.var(0).sum() < b.var(0).sum():                     # the same optimum, found faster
         a, b = b, a
     cost = (torch.cdist(a, b) ** 2).numpy()
@@ -64,43 +59,24 @@ def w2_distance(a, b):
 
 
 class FeatureNet(nn.Module):
-    """A small CNN classifier of the dataset's classes; its penultimate layer (64 features of the whole last
-    feature map) is where image samples are compared. (Averaging that map instead, it classified only
-    0.71-0.78 of real held-out MNIST digits right: benchmarks/classifier_check.py.)"""
+    """A small CNN classifier; its penultimate layer (64 features of its last feature map) compares images."""
 
     def __init__(self, shape, n_classes=10):
         super().__init__()
-        h, w = (shape[1] + 3) // 4, (shape[2] + 3) // 4       # after two stride-2 convolutions
         self.features = nn.Sequential(
             nn.Conv2d(shape[0], 32, 3, padding=1), nn.ReLU(),
             nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(),
             nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Flatten(), nn.Linear(64 * h * w, 64), nn.ReLU())
+            nn.Flatten(), nn.Linear(64 * ((shape[1] + 3) // 4) * ((shape[2] + 3) // 4), 64), nn.ReLU())
         self.head = nn.Linear(64, n_classes)
 
     def forward(self, x):
         return self.head(self.features(x))
 
 
-def image_classifier(name, train, labels, data_dir, seed=0):
-    """The FeatureNet of a dataset: read from data_dir/<name>_classifier.pt if it was made with these
-    settings, else trained on (train, labels) (Adam, batch 128, 20 epochs within 300 to 2000 steps) and saved
-    there."""
+def train_classifier(train, labels, seed=0):
+    """The shipped classifiers' recipe: Adam 2e-3, batch 128, seed 0, 20 epochs within 300 to 2000 steps."""
     steps = min(2000, max(300, 20 * len(train) // 128))
-    settings = {"data": name, "shape": list(train.shape[1:]), "n_train": len(train), "steps": steps,
-                "seed": seed, "net": "FeatureNet 32-64-64, flattened to 64"}
-    path = os.path.join(data_dir, f"{name}_classifier.pt")
-    net = FeatureNet(train.shape[1:])
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        if saved["settings"] == settings:
-            net.load_state_dict(saved["model"])
-            return net.eval()
-        print(f"note: {path} was made with other settings; training the classifier again")
-    except FileNotFoundError:
-        pass
-    except Exception as err:
-        print(f"note: cannot read {path} ({type(err).__name__}); training the classifier again")
     with torch.random.fork_rng(devices=[]):                 # the caller's random state stays as it was
         torch.manual_seed(seed)
         net = FeatureNet(train.shape[1:])
@@ -111,12 +87,26 @@ def image_classifier(name, train, labels, data_dir, seed=0):
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-    try:
-        os.makedirs(data_dir, exist_ok=True)
-        save_checkpoint(path, {"model": net.state_dict(), "settings": settings})
-    except OSError as err:
-        print(f"note: cannot cache the classifier in {path} ({type(err).__name__}); it is trained each time")
     return net.eval()
+
+
+def image_classifier(name, shape):
+    """The shipped FeatureNet of a dataset (classifiers/<name>.pt), in float64, for images of this shape."""
+    path = os.path.join(HERE, "classifiers", f"{name}.pt")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        net = FeatureNet(saved["shape"])
+        net.load_state_dict(saved["model"])
+    except Exception as err:
+        raise RunError(f"cannot load {path} ({type(err).__name__}); see --make-classifier") from None
+    if list(shape) != saved["shape"]:
+        raise RunError(f"the {name} classifier takes images of shape {saved['shape']}, not {list(shape)}")
+    return net.double().eval().requires_grad_(False)
+
+
+def features(net, x):
+    """The classifier's 64 features of images x, in float64 (the same on every machine), 500 at a time."""
+    return torch.cat([net.features(b) for b in torch.as_tensor(x, dtype=torch.float64).split(500)])
 
 
 def frechet_distance(f1, f2):
@@ -129,36 +119,51 @@ def frechet_distance(f1, f2):
 
 
 def evaluate(path, data_dir=None):
-    """Score the samples.npz at path (the file, or the folder holding it): {sampler: {"distance", "floor",
-    "ratio", and "accuracy" for conditional samples}}, printed as one line each. data_dir: where the images
-    and the cached classifier are (None: the run's --data-dir)."""
+    """Score the samples.npz at path (or in the folder path): {setting: {"distance", "floor", "ratio", and
+    "accuracy" for conditional samples}}, one line each; the file's other arrays are sampler settings."""
     path = os.path.join(path, "samples.npz") if os.path.isdir(path) else path
     try:
-        saved = dict(np.load(path))
-        real, name, seed = saved.pop("real"), str(saved.pop("data")), int(saved.pop("seed", 0))
-        data_dir = data_dir or str(saved.get("data_dir", "data"))
-    except Exception as err:
-        raise RunError(f"cannot read samples from {path} ({type(err).__name__}: {err})") from None
-    floor_set, labels = saved.pop("floor", None), saved.pop("labels", None)
-    saved.pop("data_dir", None)                             # the rest are sampler settings
+        with np.load(path) as f:
+            samples = dict(f)
+        name, real = str(samples.pop("data")), samples["real"]
+        seed, run_dir = int(samples.pop("seed", 0)), str(samples.pop("data_dir", "data"))
+    except KeyError as err:
+        raise RunError(f"{path} has no {err} array") from None
+    except Exception as err:                                # not a file, not an npz, pickled objects, ...
+        why = " ".join(str(err).split())[:120]
+        raise RunError(f"cannot read samples from {path} ({type(err).__name__}: {why})") from None
+    labels = samples.pop("labels", None)
+    if real.ndim == 2 and "floor" not in samples:
+        raise RunError(f"{path} holds 2D points but no 'floor' (a second real set) to compare with")
+    for key, x in samples.items():                          # real, floor, samples: never a partial set
+        if x.dtype.kind not in "iuf" or x.ndim < 2 or x.shape != real.shape:
+            raise RunError(f"'{key}' in {path} is {x.dtype} {x.shape}, not numbers of shape {real.shape}")
+        if not np.isfinite(x).all():
+            raise RunError(f"'{key}' in {path} holds NaN or inf")
+    if labels is not None and (labels.dtype.kind not in "iu" or labels.shape != (len(real),)):
+        raise RunError(f"'labels' in {path} must be {len(real)} integers, not {labels.dtype} {labels.shape}")
+    real, floor_set = torch.as_tensor(samples.pop("real"), dtype=torch.float64), samples.pop("floor", None)
     if real.ndim == 2:                                      # 2D: exact W2, and the nearest real point's label
         metric, floor = "W2", w2_distance(floor_set, real)
     else:                                                   # images: FD in the classifier's features
-        metric, (train, train_labels, held, held_labels) = "FD", load_images(name, data_dir)
-        net = image_classifier(name, train, train_labels, data_dir).requires_grad_(False)
-        right = (net(held).argmax(1) == held_labels).float().mean()
+        metric, net = "FD", image_classifier(name, real.shape[1:])
+        train, _, held, held_labels = load_images(name, data_dir or run_dir)
+        if len(train) < len(real):
+            raise RunError(f"the floor needs {len(real)} training images; {name} has {len(train)}")
+        right = (net.head(features(net, held)).argmax(1) == held_labels).double().mean()
         print(f"classifier: accuracy {right:.3f} on {len(held)} held-out real images")
-        real_features, g = net.features(torch.as_tensor(real)), torch.Generator().manual_seed(seed + 2000)
+        real_features, g = features(net, real), torch.Generator().manual_seed(seed + 2000)
         subsets = [train[torch.randperm(len(train), generator=g)[:len(real)]] for _ in range(5)]
-        floor = float(np.mean([frechet_distance(net.features(x), real_features) for x in subsets]))
+        floor = float(np.mean([frechet_distance(features(net, x), real_features) for x in subsets]))
     scores = {}
-    for key, x in saved.items():
-        x = torch.as_tensor(x, dtype=torch.float32)
+    for key, x in samples.items():
+        x = torch.as_tensor(x, dtype=torch.float64)
         if metric == "W2":
-            nearest = torch.cdist(x, torch.as_tensor(real)).argmin(1).numpy()
+            nearest = torch.cdist(x, real).argmin(1).numpy()
             d, predicted = w2_distance(x, real), None if labels is None else labels[nearest]
         else:
-            d, predicted = frechet_distance(net.features(x), real_features), net(x).argmax(1).numpy()
+            f = features(net, x)
+            d, predicted = frechet_distance(f, real_features), net.head(f).argmax(1).numpy()
         scores[key] = {"distance": round(d, 5), "floor": round(floor, 5), "ratio": round(d / floor, 3)}
         if labels is not None:
             scores[key]["accuracy"] = round(float((predicted == labels).mean()), 4)
@@ -169,17 +174,24 @@ def evaluate(path, data_dir=None):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Score a script's samples against held-out data and the floor.")
-    p.add_argument("out", help="an --out folder of one of the scripts, or a samples.npz")
-    p.add_argument("--data-dir", default=None,
-                   help="where MNIST and the cached classifiers are (default: the run's --data-dir)")
+    p.add_argument("out", nargs="?", help="an --out folder of one of the scripts, or a samples.npz")
+    p.add_argument("--data-dir", default=None, help="where MNIST is (default: the run's --data-dir, or data)")
+    p.add_argument("--make-classifier", choices=["digits", "mnist"], help="train classifiers/NAME.pt again")
     args = p.parse_args(argv)
+    if (args.out is None) == (args.make_classifier is None):
+        p.error("give OUT, or --make-classifier NAME")
     try:
+        if args.make_classifier:                            # the recipe, on the training split
+            train, labels = load_images(args.make_classifier, args.data_dir or "data")[:2]
+            state = {"model": train_classifier(train, labels).state_dict(), "shape": list(train.shape[1:])}
+            torch.save(state, os.path.join(HERE, "classifiers", f"{args.make_classifier}.pt"))
+            return print(f"wrote classifiers/{args.make_classifier}.pt")
         scores = evaluate(args.out, args.data_dir)
+        folder = args.out if os.path.isdir(args.out) else os.path.dirname(args.out) or "."
+        with open(os.path.join(folder, "scores.json"), "w") as f:
+            json.dump(scores, f, indent=2)
     except RunError as err:
         sys.exit(f"error: {err}")
-    folder = args.out if os.path.isdir(args.out) else os.path.dirname(args.out) or "."
-    with open(os.path.join(folder, "scores.json"), "w") as f:
-        json.dump(scores, f, indent=2)
     return scores
 
 

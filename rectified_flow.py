@@ -59,10 +59,11 @@ def velocity(model, z, t, labels=None, w=1.0):
 @torch.no_grad()
 def euler_sample(model, e, steps, labels=None, w=1.0, interval=(0.0, 1.0)):
     """Euler from t = 1 to 0 in equal steps, z <- z + (t_next - t) v(z, t), guided in the interval: z, NFE."""
-    z, ts, nfe = e, torch.linspace(1.0, 0.0, steps + 1, device=e.device), 0
-    for i in range(steps):
-        w_t = w if interval[0] <= ts[i] <= interval[1] else 1.0
-        z = z + (ts[i + 1] - ts[i]) * velocity(model, z, ts[i].expand(len(e)), labels, w_t)
+    z, nfe = e, 0
+    ts = torch.linspace(1.0, 0.0, steps + 1).tolist()      # float32 times as Python numbers: no waits
+    for t, t_next in zip(ts, ts[1:]):
+        w_t = w if interval[0] <= t <= interval[1] else 1.0
+        z = z + (t_next - t) * velocity(model, z, torch.full((len(e),), t, device=e.device), labels, w_t)
         nfe += 1 if labels is None or w_t == 1 else 2
     return z, nfe
 
@@ -72,19 +73,19 @@ def straightness(model, e, steps=100, labels=None, w=1.0, interval=(0.0, 1.0)):
     """Simulate the ODE from z_1 = e with `steps` Euler steps, guided only for t in the interval. Returns
     the path z(t_i), t_i = 1 ... 0, its straightness S = E int_0^1 ||(z_1 - z_0) - v(z_t, t)||^2 dt (a sum
     over the steps) and the transport cost C = E ||z_0 - z_1||^2."""
-    path, v, ts = [e], [], torch.linspace(1.0, 0.0, steps + 1, device=e.device)
-    for i in range(steps):
-        w_t = w if interval[0] <= ts[i] <= interval[1] else 1.0
-        v.append(velocity(model, path[-1], ts[i].expand(len(e)), labels, w_t))
-        path.append(path[-1] + (ts[i + 1] - ts[i]) * v[-1])
+    path, v = [e], []
+    ts = torch.linspace(1.0, 0.0, steps + 1).tolist()      # float32 times as Python numbers: no waits
+    for t, t_next in zip(ts, ts[1:]):
+        w_t = w if interval[0] <= t <= interval[1] else 1.0
+        v.append(velocity(model, path[-1], torch.full((len(e),), t, device=e.device), labels, w_t))
+        path.append(path[-1] + (t_next - t) * v[-1])
     line = e - path[-1]                                     # z_1 - z_0
     S = torch.stack([((line - vi) ** 2).flatten(1).sum(1) for vi in v]).mean().item()
     return torch.stack(path), S, (line ** 2).flatten(1).sum(1).mean().item()
 
 
 # --- model ---
-class TimeEmbedding(nn.Module):
-    """sin and cos of t at low frequencies, 1 to max_freq rad (higher ones hurt iMF)."""
+class TimeEmbedding(nn.Module):                             # low frequencies: higher ones hurt iMF
 
     def __init__(self, dim=64, max_freq=2.0):
         super().__init__()
@@ -167,16 +168,9 @@ class SmallUNet(nn.Module):
         return self.out2(F.silu(self.out1(torch.cat([u, h1], dim=1))))
 
 
-def make_model(shape, n_times, channels=32, n_classes=0):
-    """ResMLP for 2D points, SmallUNet for images; n_classes > 0: class-conditional."""
-    if shape == (2,):
-        return ResMLP(n_times, n_classes)
-    return SmallUNet(shape, n_times, channels, n_classes).to(memory_format=torch.channels_last)  # CPU: faster
-
-
 # --- data ---
 class RunError(Exception):
-    """A problem the user can fix (a file, a device, the data, a diverged loss): main prints one line."""
+    """A problem the user can fix (a file, the data, a diverged loss): one line, no traceback."""
 
 
 TOYS = ["moons", "8gaussians", "checkerboard", "spirals", "circles"]
@@ -219,21 +213,20 @@ def load_images(name, data_dir):
         from torchvision.datasets import MNIST
         train, test = MNIST(data_dir, train=True, download=True), MNIST(data_dir, train=False, download=True)
     except Exception as err:                                # no network, broken files, ...
-        why = " ".join(str(err).split())[:120]              # (torchvision's message has several lines)
-        raise RunError(f"cannot load MNIST in {data_dir!r} ({type(err).__name__}: {why}); "
-                       "--data digits works offline") from None
+        why = " ".join(str(err).split())[:120]
+        raise RunError(f"cannot load MNIST in {data_dir!r} ({why}); --data digits works offline") from None
     return train.data[:, None] / 255, train.targets, test.data[:2000, None] / 255, test.targets[:2000]
 
 
 class Data:
-    """Training data in model coordinates (toys about mean 0, variance 1; images in [-1, 1]); held-out data
-    (and the toys' floor set) in data coordinates."""
+    """Training set in model coordinates (toys ~ mean 0, variance 1; images in [-1, 1]); held-out and floor
+    sets in data coordinates."""
 
     def __init__(self, name, data_dir, seed, device, n_eval):
         self.name, self.data_dir, self.seed, self.device = name, data_dir, seed, device
-        self.n_classes, self.rng = N_CLASSES.get(name, 0), np.random.default_rng(seed)
+        self.n_classes = N_CLASSES.get(name, 0)
         if name in TOYS:                                    # batches come from a pool of 65,536 points
-            train, labels = toy_points(name, 2**16, self.rng)
+            train, labels = toy_points(name, 2**16, np.random.default_rng(seed))
             heldout, heldout_labels = toy_points(name, n_eval, np.random.default_rng(seed + 1000))
             self.floor = toy_points(name, n_eval, np.random.default_rng(seed + 2000))[0].astype(np.float32)
             center, scale = TOY_CENTER_SCALE[name]
@@ -246,66 +239,53 @@ class Data:
         self.train = ((torch.as_tensor(train, dtype=torch.float32) - self.center) / self.scale).to(device)
         self.labels, self.shape = torch.as_tensor(labels).long().to(device), tuple(self.train.shape[1:])
 
-    def batches(self, n, label_drop=None):
-        """Endless (x, e, labels): labels None unless label_drop, the share set to "no label"."""
+    def batches(self, n, cond=False, label_drop=0.1):
+        """Endless (x, e, labels); labels None unless cond, label_drop of them "no label" (n_classes)."""
         while True:
-            i = torch.from_numpy(self.rng.integers(len(self.train), size=n)).to(self.device)
+            i = torch.randint(len(self.train), (n,), device=self.device)
             x, y = self.train[i], self.labels[i]
             e = torch.randn_like(x)
-            if label_drop:
-                y = torch.where(torch.rand(n, device=y.device) < label_drop, self.n_classes, y)
-            yield x, e, None if label_drop is None else y
+            drop = torch.rand(n, device=self.device) < label_drop
+            yield x, e, torch.where(drop, self.n_classes, y) if cond else None
 
     def to_data(self, x):
-        """Model coordinates to data coordinates, in numpy."""
         x = x.detach().float().cpu() * self.scale + self.center
         return (x if self.shape == (2,) else x.clamp(0, 1)).numpy()
 
 
 # --- training ---
-def pick_device(name):
-    """auto: CUDA, else Apple's MPS, else the CPU."""
-    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
-    name = next(k for k, ok in available.items() if ok) if name == "auto" else name
-    if not available[name]:
-        raise RunError(f"--device {name} is not available here")
-    return torch.device(name)
-
-
-def save_checkpoint(path, state):
-    """Write to a temporary file, then os.replace it: never a half-written file."""
+def save_checkpoint(path, state):                          # atomic: never a half-written file
     torch.save(state, f"{path}.{os.getpid()}.tmp")
     os.replace(f"{path}.{os.getpid()}.tmp", path)
 
 
-def load_saved(path, config, resume):
-    """The dict saved at path if made with this config, else None after a note (with resume: an error)."""
+def load_checkpoint(path, config, resume):
+    """The file at path if made with config; else None, or with resume an error (unless only "made_from")."""
     if not os.path.exists(path):
         return None
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
-        old = saved["config"]
+        diff = [k for k in {**saved["config"], **config} if saved["config"].get(k) != config.get(k)]
     except Exception as err:
         raise RunError(f"cannot read {path} ({type(err).__name__}): delete it or use another --out") from None
-    keys = [k for k in {**old, **config} if old.get(k) != config.get(k)]
-    diff = ", ".join(f"{k}: {old.get(k)} there, {config.get(k)} here" for k in keys)
-    if resume and set(keys) - {"made_from"}:                # made_from: the hash of the file it came from
-        raise RunError(f"{path} was made with other settings ({diff}): drop --resume or use another --out")
+    if resume and set(diff) - {"made_from"}:
+        raise RunError(f"{path} was made with another {', '.join(diff)}: drop --resume or use another --out")
     if diff:
-        print(f"note: {path} does not match this run ({diff}); making it again")
+        print(f"note: {path} was made with another {', '.join(diff)}; making it again")
     return None if diff else saved
 
 
-def train(model, loss_fn, batches, steps, lr, path, config, ckpt=None, ckpt_every=2000, desc="training"):
-    """Adam, warm-up and cosine lr, an EMA to sample from; saves every ckpt_every steps and on Ctrl-C."""
+def train(model, loss_fn, batches, steps, lr, path, config, ckpt=None, desc="training", ckpt_every=2000):
+    """Adam, warm-up and cosine lr; checkpoints on Ctrl-C, at the end, every ckpt_every. Returns the EMA."""
     opt = torch.optim.Adam(model.parameters(), lr=lr, foreach=True)
     ema = copy.deepcopy(model).requires_grad_(False)
-    losses, interrupted = [], False                         # one loss per step done
+    losses = []
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["optimizer"])
         losses = ckpt["losses"]
+        torch.manual_seed(hash((config["seed"], len(losses))))     # new batches, not the run's first ones
 
     def save():
         save_checkpoint(path, {"model": model.state_dict(), "ema": ema.state_dict(), "step": len(losses),
@@ -316,7 +296,8 @@ def train(model, loss_fn, batches, steps, lr, path, config, ckpt=None, ckpt_ever
         for step in tqdm(range(len(losses), steps), desc, total=steps, initial=len(losses), mininterval=1):
             x, e, labels = next(batches)
             loss = loss_fn(model, x, e, labels)
-            if not math.isfinite(loss.item()):              # stop before it reaches the weights
+            value = loss.item()                             # the step's one wait for the device
+            if not math.isfinite(value):                    # stop before it reaches the weights
                 raise RunError(f"the loss became non-finite at step {step + 1} of {desc}; try a lower --lr")
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -325,26 +306,27 @@ def train(model, loss_fn, batches, steps, lr, path, config, ckpt=None, ckpt_ever
             for group in opt.param_groups:
                 group["lr"] = lr * warmup * decay
             opt.step()
+            losses.append(value)
             with torch.no_grad():                           # EMA 0.999, capped by (1 + s) / (10 + s) early on
-                for p_ema, p in zip(ema.parameters(), model.parameters()):
-                    p_ema.lerp_(p, 1 - min(0.999, (1 + step) / (10 + step)))
-            losses.append(loss.item())
+                torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()),
+                                     1 - min(0.999, (1 + step) / (10 + step)))
             if len(losses) % ckpt_every == 0 or len(losses) == steps:
                 save()
     except KeyboardInterrupt:
-        interrupted = True
         save()
-        print(f"\ninterrupted at step {len(losses)}: saved {path} (--resume continues it)")
-    seconds = round(time.perf_counter() - t0, 2)
-    return ema, {"steps": len(losses), "train_seconds": seconds, "interrupted": interrupted, "losses": losses}
+        print(f"\ninterrupted at step {len(losses)} of {desc}: saved {path}; --resume continues it")
+        raise
+    return ema, {"steps": len(losses), "train_seconds": round(time.perf_counter() - t0, 2), "losses": losses}
 
 
 # --- evaluation ---
 def w2_distance(a, b):
-    """Exact 2-Wasserstein distance of two equal-size point sets, by an optimal matching."""
+    """Exact 2-Wasserstein distance of two point sets of one size, by an optimal matching."""
     from scipy.optimize import linear_sum_assignment
     a = torch.as_tensor(a, dtype=torch.float64).reshape(len(a), -1)
     b = torch.as_tensor(b, dtype=torch.float64).reshape(len(b), -1)
+    if a.shape != b.shape:
+        raise RunError(f"W2 needs two sets of one size and shape, got {tuple(a.shape)} and {tuple(b.shape)}")
     if a.var(0).sum() < b.var(0).sum():                     # the same optimum, found faster
         a, b = b, a
     cost = (torch.cdist(a, b) ** 2).numpy()
@@ -362,10 +344,13 @@ def eval_noise(data, seed, device):
 
 
 def report_w2(samples, data):
-    """Print and return each sampler's W2 to the held-out set, and the floor: the W2 of two real sets."""
+    """Each sampler's W2 to the held-out set next to the floor, the W2 of two real sets: printed, returned."""
     floor = w2_distance(data.floor, data.heldout)
     metrics = {"w2_floor": round(floor, 5)}
     for key, x in samples.items():
+        if not np.isfinite(x).all():
+            print(f"{key:>12}  non-finite samples: no W2")
+            continue
         d = w2_distance(x, data.heldout)
         metrics[f"w2_{key}"], metrics[f"w2_ratio_{key}"] = round(d, 5), round(d / floor, 3)
         print(f"{key:>12}  W2 {d:.4f}  floor {floor:.4f}  ({d / floor:.2f}x)")
@@ -373,7 +358,6 @@ def report_w2(samples, data):
 
 
 def save_results(args, samples, data, metrics, labels=None):
-    """--out/samples.npz (samples, real set, labels: what evaluate.py needs), metrics.json (the numbers)."""
     extra = {"floor": data.floor} if data.shape == (2,) else {}
     extra.update({} if labels is None else {"labels": labels})
     np.savez(os.path.join(args.out, "samples.npz"), **samples, **extra, real=data.heldout, data=data.name,
@@ -381,13 +365,12 @@ def save_results(args, samples, data, metrics, labels=None):
     metrics["command"] = " ".join(["python", f"{SCRIPT}.py", *args.argv])
     with open(os.path.join(args.out, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
-    print(f"wrote {args.out}: results.png, samples.npz, metrics.json and the checkpoints")
-    if data.shape != (2,):
-        print(f"score the images with: python evaluate.py {args.out}")
+    score = "" if data.shape == (2,) else f"; score the images with: python evaluate.py {args.out}"
+    print(f"wrote {args.out}: results.png, samples.npz, metrics.json, the checkpoints{score}")
 
 
 def image_grid(x, labels=None, n=8):
-    """Images (N, C, H, W) as one (H', W', 3) array: n x n of them, or a row of n per class asked for."""
+    """n x n images, or a row of n per class asked for, as one (H, W, 3) array."""
     from torchvision.utils import make_grid
     x = torch.as_tensor(x)
     if labels is None:
@@ -437,9 +420,16 @@ DEFAULTS = {"toys": {"steps": 4000, "batch_size": 512, "lr": 5e-3, "channels": 3
                        "ode_steps": 100, "guidance_interval": [0.0, 1.0]},
             "mnist": {"steps": 6000, "batch_size": 64, "lr": 2e-3, "channels": 16, "n_eval": 1000,
                       "ode_steps": 16, "guidance_interval": [0.0, 1.0]}}
-POSITIVE = ["steps", "batch_size", "lr", "channels", "ckpt_every", "n_eval", "guidance", "ode_steps"]
-FRACTIONS = ["label_drop"]
-NONNEGATIVE = ["seed"]
+
+
+def positive(cast):
+    def parse(text):
+        value = cast(text)
+        if not 0 < value < math.inf:                        # refuses nan too
+            raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+        return value
+    parse.__name__ = cast.__name__                          # argparse's "invalid int value: ..." names it
+    return parse
 
 
 def get_args(argv=None):
@@ -450,64 +440,69 @@ def get_args(argv=None):
     per_data = argparse.SUPPRESS                            # from DEFAULTS, for the --data given
     p.add_argument("--data", default="moons", choices=TOYS + ["digits", "mnist"], help="dataset")
     p.add_argument("--data-dir", default="data", help="where MNIST is stored or downloaded to")
-    p.add_argument("--steps", type=int, default=per_data, help="training steps")
-    p.add_argument("--batch-size", type=int, default=per_data, help="batch size")
-    p.add_argument("--lr", type=float, default=per_data, help="learning rate")
-    p.add_argument("--channels", type=int, default=per_data, help="base channels of the image U-Net")
+    p.add_argument("--steps", type=positive(int), default=per_data, help="training steps")
+    p.add_argument("--batch-size", type=positive(int), default=per_data, help="batch size")
+    p.add_argument("--lr", type=positive(float), default=per_data, help="learning rate")
+    p.add_argument("--channels", type=positive(int), default=per_data, help="base channels of the U-Net")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="device")
     p.add_argument("--seed", type=int, default=0, help="random seed (0 or more)")
     p.add_argument("--out", default=os.path.join("outputs", SCRIPT), help="output folder")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
-    p.add_argument("--ckpt-every", type=int, default=2000, help="checkpoint interval in steps")
-    p.add_argument("--n-eval", type=int, default=per_data, help="samples to evaluate (at most the held-out)")
+    p.add_argument("--n-eval", type=positive(int), default=per_data, help="samples to evaluate")
     p.add_argument("--cond", action="store_true", help=f"class-conditional ({', '.join(N_CLASSES)})")
-    p.add_argument("--label-drop", type=float, default=0.1, help="with --cond: share of labels dropped")
-    p.add_argument("--guidance", type=float, default=1.0, help="with --cond: classifier-free guidance weight")
+    p.add_argument("--guidance", type=positive(float), default=1.0,
+                   help="with --cond: classifier-free guidance weight")
     p.add_argument("--guidance-interval", type=float, nargs=2, default=per_data, metavar=("LO", "HI"),
                    help="guide only for t in [LO, HI]; unguided elsewhere")
     p.add_argument("--source", default="gaussian", choices=["gaussian"] + TOYS, help="distribution at t = 1")
-    p.add_argument("--ode-steps", type=int, default=per_data, help="Euler steps of the 'ode' samples")
+    p.add_argument("--ode-steps", type=positive(int), default=per_data, help="Euler steps of the 'ode' path")
     args = p.parse_args(argv)
     for key, value in DEFAULTS["toys" if args.data in TOYS else args.data].items():
         vars(args).setdefault(key, value)
-    for key in POSITIVE:
-        if not 0 < vars(args)[key] < math.inf:              # refuses nan too
-            p.error(f"--{key.replace('_', '-')} must be a positive number, got {vars(args)[key]}")
-    for key in FRACTIONS:
-        if not 0 <= vars(args)[key] <= 1:
-            p.error(f"--{key.replace('_', '-')} must be in [0, 1], got {vars(args)[key]}")
-    for key in NONNEGATIVE:
-        if vars(args)[key] < 0:
-            p.error(f"--{key.replace('_', '-')} must be 0 or more, got {vars(args)[key]}")
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    if args.device == "auto":
+        args.device = next(name for name, ok in available.items() if ok)
+    if not available[args.device]:
+        p.error(f"--device {args.device} is not available here")
+    if args.seed < 0:
+        p.error(f"--seed must be 0 or more, got {args.seed}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        p.error(f"--out {args.out} is a file, not a folder")
     if args.cond and args.data not in N_CLASSES:
         p.error(f"--cond needs data with labels ({', '.join(N_CLASSES)})")
-    if args.guidance != 1 and not (args.cond and args.label_drop > 0):
-        p.error("--guidance needs --cond and --label-drop > 0 (it uses the model without a label)")
+    if args.guidance != 1 and not args.cond:
+        p.error("--guidance needs --cond (it compares the model with and without a label)")
     if not 0 <= args.guidance_interval[0] <= args.guidance_interval[1] <= 1:
         p.error(f"--guidance-interval needs 0 <= LO <= HI <= 1, got {args.guidance_interval}")
-    args.argv = sys.argv[1:] if argv is None else list(argv)
     if args.source != "gaussian" and args.data not in TOYS:
         p.error("a toy --source needs a toy --data")
+    args.argv = sys.argv[1:] if argv is None else list(argv)
     return args
 
 
 # --- main ---
 def run(args):
-    device = pick_device(args.device)
     torch.manual_seed(args.seed)
     os.makedirs(args.out, exist_ok=True)
+    device = torch.device(args.device)
     data = Data(args.data, args.data_dir, args.seed, device, args.n_eval)
     source = None if args.source == "gaussian" else Data(args.source, args.data_dir, args.seed + 7, device,
                                                          args.n_eval)
-    model = make_model(data.shape, 1, args.channels, data.n_classes if args.cond else 0).to(device)  # v(z, t)
-    config = {k: vars(args)[k] for k in ["data", "data_dir", "channels", "cond", "label_drop", "source"]}
+    n_classes = data.n_classes if args.cond else 0
+    if data.shape == (2,):                                  # v_theta(z, t): one time
+        model = ResMLP(1, n_classes).to(device)
+    else:                                                   # channels-last: faster convolutions on a CPU
+        model = SmallUNet(data.shape, 1, args.channels, n_classes)
+        model = model.to(device, memory_format=torch.channels_last)
+    keys = ["data", "data_dir", "channels", "cond", "source", "seed", "lr", "batch_size"]
+    config = {k: vars(args)[k] for k in keys + ["steps"]}   # what makes it this run: --resume refuses others
     path = os.path.join(args.out, "checkpoint.pt")
-    ckpt = load_saved(path, config, resume=True) if args.resume else None
-    if not args.resume and os.path.exists(path):
-        print(f"note: training anew; {path} will be replaced (--resume continues it)")
-    batches = coupling(data.batches(args.batch_size, args.label_drop if args.cond else None),
+    ckpt = load_checkpoint(path, config, resume=True) if args.resume else None
+    if os.path.exists(path) and ckpt is None:
+        print(f"note: training anew; {path} will be replaced")
+    batches = coupling(data.batches(args.batch_size, args.cond),
                        None if source is None else source.batches(args.batch_size))
-    ema, info = train(model, rf_loss, batches, args.steps, args.lr, path, config, ckpt, args.ckpt_every)
+    ema, info = train(model, rf_loss, batches, args.steps, args.lr, path, config, ckpt)
 
     # Euler with 1 to 8 steps and the simulated ODE, from the same source points, for the held-out labels
     if source is None:
@@ -515,11 +510,12 @@ def run(args):
     else:                                                   # the source's held-out set, in model coordinates
         e = ((torch.as_tensor(source.heldout) - source.center) / source.scale).to(device)
     labels = data.heldout_labels if args.cond else None
-    y, w = None if labels is None else torch.as_tensor(labels, device=device), args.guidance
-    runs = [euler_sample(ema, e, k, y, w, args.guidance_interval) for k in (1, 2, 4, 8)]
-    out = {f"nfe{nfe}": x for x, nfe in runs}               # keyed by their network evaluations
-    path, S, C = straightness(ema, e, args.ode_steps, y, w, args.guidance_interval)
-    samples = {k: data.to_data(v) for k, v in {**out, "ode": path[-1]}.items()}
+    y = None if labels is None else torch.as_tensor(labels, device=device)
+    w, interval = args.guidance, args.guidance_interval
+    runs = [euler_sample(ema, e, k, y, w, interval) for k in (1, 2, 4, 8)]
+    samples = {f"nfe{nfe}": data.to_data(x) for x, nfe in runs}     # keyed by their network evaluations
+    paths, S, C = straightness(ema, e, args.ode_steps, y, w, interval)
+    samples["ode"] = data.to_data(paths[-1])
     print(f"1-Rectified Flow {args.source} -> {args.data}, {info['steps']} steps; Euler, and the ODE's "
           f"{args.ode_steps} steps:")
     metrics = report_w2(samples, data) if data.shape == (2,) else {}
@@ -528,27 +524,19 @@ def run(args):
                    transport_cost=round(C, 5))
     panels = [("real (held-out)", data.heldout), *samples.items()]
     if data.shape == (2,):
-        panels.append(("ode", np.stack([data.to_data(z) for z in path[:, :300]], 1)))
+        panels.append(("ode", np.stack([data.to_data(z) for z in paths[:, :300]], 1)))     # the ODE's paths
     title = f"1-Rectified Flow {args.source} -> {args.data}" + (f", guidance {w:g}" if y is not None else "")
-    title += f", {info['steps']} steps: straightness {S:.3f}, transport cost {C:.3f}"
+    title += f", straightness {S:.3f}, transport cost {C:.3f}"
     save_results(args, samples, data, metrics, labels)
-    plot_panels(os.path.join(args.out, "results.png"), title, panels, {"1-RF": info["losses"]}, metrics,
-                labels)
-    if info["interrupted"]:
-        raise KeyboardInterrupt
+    plot_panels(os.path.join(args.out, "results.png"), f"{title}, {info['steps']} steps", panels,
+                {"1-RF": info["losses"]}, metrics, labels)
     return metrics
 
 
-def main(argv=None):
-    """Command line entry: problems the user can fix end in a one-line error; Ctrl-C exits with code 130."""
-    args = get_args(argv)
+if __name__ == "__main__":
     try:
-        return run(args)
+        run(get_args())
     except RunError as err:
         sys.exit(f"error: {err}")
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:                               # train saved the checkpoint and said so
         sys.exit(130)
-
-
-if __name__ == "__main__":
-    main()

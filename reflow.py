@@ -8,15 +8,13 @@ with the collection's time convention: data x at t = 0, noise e ~ N(0, I) at t =
   one step    x = e - v(e, 1); --distill fits only that map, || v(e, 1) - (e - x_hat) ||^2, for comparison
   straightness S = E int_0^1 ||(z_1 - z_0) - v(z_t, t)||^2 dt drops with each reflow; the transport cost
               E ||x_hat - e||^2 does not rise (for the exact flow: the paper's theorem)
-  guidance    --cond --guidance W: the pairs come per label from stage 1's guided ODE,
-              v(no label) + W (v(label) - v(no label)) for t in --guidance-interval; later stages learn the
-              guided map and need none
+  guidance    --cond --guidance W: stage 1's ODE, guided v(no label) + W (v(label) - v(no label)) for t in
+              --guidance-interval, makes the pairs per label; the later stages learn the guided map
 Departures from the paper (measured: RESULTS.md): half of each reflow batch at t = 1, where one Euler step
-reads v (--t1-frac; the paper: t ~ U(0, 1)); small networks with a low-frequency time embedding; on mnist
-stage 1's ODE unguided for t > 0.9 (as in fm.py, after Kynkaanniemi et al., NeurIPS 2024).
+reads v (the paper: t ~ U(0, 1)); small networks; on mnist stage 1's ODE unguided for t > 0.9 (as fm.py).
 
-  python reflow.py                  # moons: 1-RF, dopri5 pairs, 2-RF; about a minute on a laptop CPU
-  python reflow.py --distill        # also a one-step distillation on the same pairs
+  python reflow.py              # moons: 1-RF, dopri5 pairs, 2-RF; about a minute on a laptop CPU
+  python reflow.py --distill    # also a one-step distillation on the same pairs
 Files in --out: stage1.pt, pairs1.pt, stage2.pt, ...; a later run reuses those made with its settings.
 """
 import argparse
@@ -38,9 +36,8 @@ from tqdm import tqdm
 
 # --- method ---
 def rf_loss(model, x, e, labels=None, t1_frac=0.0):
-    """Rectified flow on straight lines, ||v_theta(z_t, t) - (e - x)||^2 with z_t = (1 - t) x + t e, for
-    independent x and e (stage 1) or the pairs (x_hat, e); t1_frac of the batch at t = 1, where one Euler
-    step reads v, the rest t ~ U(0, 1)."""
+    """||v_theta(z_t, t) - (e - x)||^2 on the line z_t = (1 - t) x + t e; t1_frac of the batch at t = 1 (where
+    one Euler step reads v), the rest t ~ U(0, 1)."""
     t = torch.rand(len(x), device=x.device)
     t[:round(len(x) * t1_frac)] = 1.0
     tb = t.view(-1, *[1] * (x.dim() - 1))
@@ -49,7 +46,7 @@ def rf_loss(model, x, e, labels=None, t1_frac=0.0):
 
 
 def distill_loss(model, x, e, labels=None):
-    """One-step distillation on the pairs: ||v_theta(e, 1) - (e - x_hat)||^2, at t = 1 only."""
+    """One-step distillation on the pairs: ||v_theta(e, 1) - (e - x_hat)||^2."""
     t = torch.ones(len(x), device=x.device)
     return ((model(e, t, labels=labels) - (e - x)) ** 2).mean()
 
@@ -66,49 +63,52 @@ def velocity(model, z, t, labels=None, w=1.0):
 @torch.no_grad()
 def euler_sample(model, e, steps, labels=None, w=1.0, interval=(0.0, 1.0)):
     """Euler from t = 1 to 0 in equal steps, z <- z + (t_next - t) v(z, t), guided in the interval: z, NFE."""
-    z, ts, nfe = e, torch.linspace(1.0, 0.0, steps + 1, device=e.device), 0
+    z, ts, nfe = e, torch.linspace(1.0, 0.0, steps + 1).tolist(), 0
     for i in range(steps):
         w_t = w if interval[0] <= ts[i] <= interval[1] else 1.0
-        z = z + (ts[i + 1] - ts[i]) * velocity(model, z, ts[i].expand(len(e)), labels, w_t)
+        t = torch.full((len(e),), ts[i], device=e.device)
+        z = z + (ts[i + 1] - ts[i]) * velocity(model, z, t, labels, w_t)
         nfe += 1 if labels is None or w_t == 1 else 2
     return z, nfe
 
 
 @torch.no_grad()
-def ode_generate(model, e, labels=None, w=1.0, interval=(0.0, 1.0), n_grid=1, steps=0, tol=1e-5):
-    """dz/dt = v(z, t) from t = 1 to 0 by dopri5, or steps > 0 midpoint steps, guided in the interval:
-    n_grid + 1 states, the NFE."""
+def ode_generate(model, e, labels=None, w=1.0, interval=(0.0, 1.0), n_grid=1, steps=0):
+    """dz/dt = v(z, t) from t = 1 to 0 by dopri5 (or steps midpoint steps), guided in the interval: the path
+    at n_grid + 1 times and the NFE."""
     from torchdiffeq import odeint
     nfe = [0]
 
-    def f(t, z):
+    def f(t, z):                                            # t: torchdiffeq's tensor, its solvers wait on it
         w_t = w if interval[0] <= t.clamp(0, 1) <= interval[1] else 1.0      # dopri5 steps past t = 0
-        nfe[0] += 1 if labels is None or w_t == 1 else 2   # guided: two evaluations
+        nfe[0] += 1 if labels is None or w_t == 1 else 2
         return velocity(model, z, t.expand(len(z)), labels, w_t)
 
     ts = torch.linspace(1.0, 0.0, n_grid + 1, device=e.device)
     if steps:                                               # fixed steps: far cheaper on MNIST (RESULTS.md)
         return odeint(f, e, ts, method="midpoint", options={"step_size": 1.0 / steps}), nfe[0]
     options = {"dtype": torch.float32 if e.device.type == "mps" else torch.float64}   # MPS has no float64
-    return odeint(f, e, ts, method="dopri5", rtol=tol, atol=tol, options=options), nfe[0]
+    return odeint(f, e, ts, method="dopri5", rtol=1e-5, atol=1e-5, options=options), nfe[0]
 
 
 @torch.no_grad()
 def straightness(model, path, labels=None, w=1.0, interval=(0.0, 1.0)):
-    """From an ODE path z(t_i), t_i = 1 ... 0, its straightness S = E int_0^1 ||(z_1 - z_0) - v(z_t, t)||^2 dt
-    (a Riemann sum; 0 for straight paths) and transport cost C = E ||z_0 - z_1||^2 (z_1 = e, z_0 = x_hat)."""
-    ts = torch.linspace(1.0, 0.0, len(path), device=path.device)
+    """Of an ODE path z(t_i), t_i = 1 ... 0: S = E int_0^1 ||(z_1 - z_0) - v(z_t, t)||^2 dt (a Riemann sum; 0
+    for straight paths) and the transport cost C = E ||z_0 - z_1||^2."""
+    ts = torch.linspace(1.0, 0.0, len(path)).tolist()
     line = path[0] - path[-1]
-    ws = [w if interval[0] <= t <= interval[1] else 1.0 for t in ts[:-1]]           # guided in the interval
-    S = torch.stack([((line - velocity(model, z, t.expand(len(z)), labels, w_t)) ** 2).flatten(1).sum(1)
-                     for z, t, w_t in zip(path[:-1], ts[:-1], ws)]).mean().item()
-    return S, (line ** 2).flatten(1).sum(1).mean().item()
+    gaps = []
+    for z, t in zip(path[:-1], ts[:-1]):
+        w_t = w if interval[0] <= t <= interval[1] else 1.0
+        v = velocity(model, z, torch.full((len(z),), t, device=z.device), labels, w_t)
+        gaps.append(((line - v) ** 2).flatten(1).sum(1))
+    return torch.stack(gaps).mean().item(), (line ** 2).flatten(1).sum(1).mean().item()
 
 
 def make_pairs(model, n, shape, seed, n_classes=0, w=1.0, interval=(0.0, 1.0), steps=0, chunk=4096):
-    """The coupling: n noises e and x_hat = ODE(e), in chunks; with n_classes, balanced labels and the ODE
-    guided with w in the interval. Returns x_hat, e, labels (or None) on the CPU, and the NFE a pair (the
-    most of a chunk)."""
+    """The coupling on the CPU: n noises e, x_hat = ODE(e) in chunks (with n_classes: balanced labels, the ODE
+    guided with w in the interval), the NFE a pair (a chunk's most) and the seconds it took."""
+    t0 = time.perf_counter()
     device = next(model.parameters()).device
     e = torch.randn(n, *shape, generator=torch.Generator().manual_seed(seed))
     labels = torch.arange(n) % n_classes if n_classes else None
@@ -118,21 +118,20 @@ def make_pairs(model, n, shape, seed, n_classes=0, w=1.0, interval=(0.0, 1.0), s
         path, k = ode_generate(model, part.to(device), y, w, interval, steps=steps)
         x_hat.append(path[-1].cpu())
         nfe = max(nfe, k)
-    return torch.cat(x_hat), e, labels, nfe
+    seconds = round(time.perf_counter() - t0, 2)
+    return {"x_hat": torch.cat(x_hat), "e": e, "labels": labels, "nfe": nfe, "seconds": seconds}
 
 
-def pair_batches(pairs, n, seed, device):
-    """Endless batches (x_hat, e, labels) of random pairs, on the device: what a reflow stage trains on."""
-    rng = np.random.default_rng(seed)
+def pair_batches(pairs, n, device):
+    """Endless batches (x_hat, e, labels) of random pairs on the device, for a reflow stage."""
     while True:
-        i = torch.from_numpy(rng.integers(len(pairs["e"]), size=n))
+        i = torch.randint(len(pairs["e"]), (n,))
         labels = None if pairs["labels"] is None else pairs["labels"][i].to(device)
         yield pairs["x_hat"][i].to(device), pairs["e"][i].to(device), labels
 
 
 # --- model ---
-class TimeEmbedding(nn.Module):
-    """sin and cos of t at low frequencies, 1 to max_freq rad (higher ones hurt iMF)."""
+class TimeEmbedding(nn.Module):                             # low frequencies: higher ones hurt iMF
 
     def __init__(self, dim=64, max_freq=2.0):
         super().__init__()
@@ -215,16 +214,9 @@ class SmallUNet(nn.Module):
         return self.out2(F.silu(self.out1(torch.cat([u, h1], dim=1))))
 
 
-def make_model(shape, n_times, channels=32, n_classes=0):
-    """ResMLP for 2D points, SmallUNet for images; n_classes > 0: class-conditional."""
-    if shape == (2,):
-        return ResMLP(n_times, n_classes)
-    return SmallUNet(shape, n_times, channels, n_classes).to(memory_format=torch.channels_last)  # CPU: faster
-
-
 # --- data ---
 class RunError(Exception):
-    """A problem the user can fix (a file, a device, the data, a diverged loss): main prints one line."""
+    """A problem the user can fix (a file, the data, a diverged loss): one line, no traceback."""
 
 
 TOYS = ["moons", "8gaussians", "checkerboard", "spirals", "circles"]
@@ -267,21 +259,20 @@ def load_images(name, data_dir):
         from torchvision.datasets import MNIST
         train, test = MNIST(data_dir, train=True, download=True), MNIST(data_dir, train=False, download=True)
     except Exception as err:                                # no network, broken files, ...
-        why = " ".join(str(err).split())[:120]              # (torchvision's message has several lines)
-        raise RunError(f"cannot load MNIST in {data_dir!r} ({type(err).__name__}: {why}); "
-                       "--data digits works offline") from None
+        why = " ".join(str(err).split())[:120]
+        raise RunError(f"cannot load MNIST in {data_dir!r} ({why}); --data digits works offline") from None
     return train.data[:, None] / 255, train.targets, test.data[:2000, None] / 255, test.targets[:2000]
 
 
 class Data:
-    """Training data in model coordinates (toys about mean 0, variance 1; images in [-1, 1]); held-out data
-    (and the toys' floor set) in data coordinates."""
+    """Training set in model coordinates (toys ~ mean 0, variance 1; images in [-1, 1]); held-out and floor
+    sets in data coordinates."""
 
     def __init__(self, name, data_dir, seed, device, n_eval):
         self.name, self.data_dir, self.seed, self.device = name, data_dir, seed, device
-        self.n_classes, self.rng = N_CLASSES.get(name, 0), np.random.default_rng(seed)
+        self.n_classes = N_CLASSES.get(name, 0)
         if name in TOYS:                                    # batches come from a pool of 65,536 points
-            train, labels = toy_points(name, 2**16, self.rng)
+            train, labels = toy_points(name, 2**16, np.random.default_rng(seed))
             heldout, heldout_labels = toy_points(name, n_eval, np.random.default_rng(seed + 1000))
             self.floor = toy_points(name, n_eval, np.random.default_rng(seed + 2000))[0].astype(np.float32)
             center, scale = TOY_CENTER_SCALE[name]
@@ -294,66 +285,53 @@ class Data:
         self.train = ((torch.as_tensor(train, dtype=torch.float32) - self.center) / self.scale).to(device)
         self.labels, self.shape = torch.as_tensor(labels).long().to(device), tuple(self.train.shape[1:])
 
-    def batches(self, n, label_drop=None):
-        """Endless (x, e, labels): labels None unless label_drop, the share set to "no label"."""
+    def batches(self, n, cond=False, label_drop=0.1):
+        """Endless (x, e, labels); labels None unless cond, label_drop of them "no label" (n_classes)."""
         while True:
-            i = torch.from_numpy(self.rng.integers(len(self.train), size=n)).to(self.device)
+            i = torch.randint(len(self.train), (n,), device=self.device)
             x, y = self.train[i], self.labels[i]
             e = torch.randn_like(x)
-            if label_drop:
-                y = torch.where(torch.rand(n, device=y.device) < label_drop, self.n_classes, y)
-            yield x, e, None if label_drop is None else y
+            drop = torch.rand(n, device=self.device) < label_drop
+            yield x, e, torch.where(drop, self.n_classes, y) if cond else None
 
     def to_data(self, x):
-        """Model coordinates to data coordinates, in numpy."""
         x = x.detach().float().cpu() * self.scale + self.center
         return (x if self.shape == (2,) else x.clamp(0, 1)).numpy()
 
 
 # --- training ---
-def pick_device(name):
-    """auto: CUDA, else Apple's MPS, else the CPU."""
-    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
-    name = next(k for k, ok in available.items() if ok) if name == "auto" else name
-    if not available[name]:
-        raise RunError(f"--device {name} is not available here")
-    return torch.device(name)
-
-
-def save_checkpoint(path, state):
-    """Write to a temporary file, then os.replace it: never a half-written file."""
+def save_checkpoint(path, state):                          # atomic: never a half-written file
     torch.save(state, f"{path}.{os.getpid()}.tmp")
     os.replace(f"{path}.{os.getpid()}.tmp", path)
 
 
-def load_saved(path, config, resume):
-    """The dict saved at path if made with this config, else None after a note (with resume: an error)."""
+def load_checkpoint(path, config, resume):
+    """The file at path if made with config; else None, or with resume an error (unless only "made_from")."""
     if not os.path.exists(path):
         return None
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
-        old = saved["config"]
+        diff = [k for k in {**saved["config"], **config} if saved["config"].get(k) != config.get(k)]
     except Exception as err:
         raise RunError(f"cannot read {path} ({type(err).__name__}): delete it or use another --out") from None
-    keys = [k for k in {**old, **config} if old.get(k) != config.get(k)]
-    diff = ", ".join(f"{k}: {old.get(k)} there, {config.get(k)} here" for k in keys)
-    if resume and set(keys) - {"made_from"}:                # made_from: the hash of the file it came from
-        raise RunError(f"{path} was made with other settings ({diff}): drop --resume or use another --out")
+    if resume and set(diff) - {"made_from"}:
+        raise RunError(f"{path} was made with another {', '.join(diff)}: drop --resume or use another --out")
     if diff:
-        print(f"note: {path} does not match this run ({diff}); making it again")
+        print(f"note: {path} was made with another {', '.join(diff)}; making it again")
     return None if diff else saved
 
 
-def train(model, loss_fn, batches, steps, lr, path, config, ckpt=None, ckpt_every=2000, desc="training"):
-    """Adam, warm-up and cosine lr, an EMA to sample from; saves every ckpt_every steps and on Ctrl-C."""
+def train(model, loss_fn, batches, steps, lr, path, config, ckpt=None, desc="training", ckpt_every=2000):
+    """Adam, warm-up and cosine lr; checkpoints on Ctrl-C, at the end, every ckpt_every. Returns the EMA."""
     opt = torch.optim.Adam(model.parameters(), lr=lr, foreach=True)
     ema = copy.deepcopy(model).requires_grad_(False)
-    losses, interrupted = [], False                         # one loss per step done
+    losses = []
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["optimizer"])
         losses = ckpt["losses"]
+        torch.manual_seed(hash((config["seed"], len(losses))))     # new batches, not the run's first ones
 
     def save():
         save_checkpoint(path, {"model": model.state_dict(), "ema": ema.state_dict(), "step": len(losses),
@@ -364,7 +342,8 @@ def train(model, loss_fn, batches, steps, lr, path, config, ckpt=None, ckpt_ever
         for step in tqdm(range(len(losses), steps), desc, total=steps, initial=len(losses), mininterval=1):
             x, e, labels = next(batches)
             loss = loss_fn(model, x, e, labels)
-            if not math.isfinite(loss.item()):              # stop before it reaches the weights
+            value = loss.item()                             # the step's one wait for the device
+            if not math.isfinite(value):                    # stop before it reaches the weights
                 raise RunError(f"the loss became non-finite at step {step + 1} of {desc}; try a lower --lr")
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -373,26 +352,32 @@ def train(model, loss_fn, batches, steps, lr, path, config, ckpt=None, ckpt_ever
             for group in opt.param_groups:
                 group["lr"] = lr * warmup * decay
             opt.step()
+            losses.append(value)
             with torch.no_grad():                           # EMA 0.999, capped by (1 + s) / (10 + s) early on
-                for p_ema, p in zip(ema.parameters(), model.parameters()):
-                    p_ema.lerp_(p, 1 - min(0.999, (1 + step) / (10 + step)))
-            losses.append(loss.item())
+                torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()),
+                                     1 - min(0.999, (1 + step) / (10 + step)))
             if len(losses) % ckpt_every == 0 or len(losses) == steps:
                 save()
     except KeyboardInterrupt:
-        interrupted = True
         save()
-        print(f"\ninterrupted at step {len(losses)}: saved {path} (--resume continues it)")
-    seconds = round(time.perf_counter() - t0, 2)
-    return ema, {"steps": len(losses), "train_seconds": seconds, "interrupted": interrupted, "losses": losses}
+        print(f"\ninterrupted at step {len(losses)} of {desc}: saved {path}; --resume continues it")
+        raise
+    return ema, {"steps": len(losses), "train_seconds": round(time.perf_counter() - t0, 2), "losses": losses}
+
+
+def file_hash(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:16]
 
 
 # --- evaluation ---
 def w2_distance(a, b):
-    """Exact 2-Wasserstein distance of two equal-size point sets, by an optimal matching."""
+    """Exact 2-Wasserstein distance of two point sets of one size, by an optimal matching."""
     from scipy.optimize import linear_sum_assignment
     a = torch.as_tensor(a, dtype=torch.float64).reshape(len(a), -1)
     b = torch.as_tensor(b, dtype=torch.float64).reshape(len(b), -1)
+    if a.shape != b.shape:
+        raise RunError(f"W2 needs two sets of one size and shape, got {tuple(a.shape)} and {tuple(b.shape)}")
     if a.var(0).sum() < b.var(0).sum():                     # the same optimum, found faster
         a, b = b, a
     cost = (torch.cdist(a, b) ** 2).numpy()
@@ -410,10 +395,13 @@ def eval_noise(data, seed, device):
 
 
 def report_w2(samples, data):
-    """Print and return each sampler's W2 to the held-out set, and the floor: the W2 of two real sets."""
+    """Each sampler's W2 to the held-out set next to the floor, the W2 of two real sets: printed, returned."""
     floor = w2_distance(data.floor, data.heldout)
     metrics = {"w2_floor": round(floor, 5)}
     for key, x in samples.items():
+        if not np.isfinite(x).all():
+            print(f"{key:>12}  non-finite samples: no W2")
+            continue
         d = w2_distance(x, data.heldout)
         metrics[f"w2_{key}"], metrics[f"w2_ratio_{key}"] = round(d, 5), round(d / floor, 3)
         print(f"{key:>12}  W2 {d:.4f}  floor {floor:.4f}  ({d / floor:.2f}x)")
@@ -421,7 +409,6 @@ def report_w2(samples, data):
 
 
 def save_results(args, samples, data, metrics, labels=None):
-    """--out/samples.npz (samples, real set, labels: what evaluate.py needs), metrics.json (the numbers)."""
     extra = {"floor": data.floor} if data.shape == (2,) else {}
     extra.update({} if labels is None else {"labels": labels})
     np.savez(os.path.join(args.out, "samples.npz"), **samples, **extra, real=data.heldout, data=data.name,
@@ -429,13 +416,12 @@ def save_results(args, samples, data, metrics, labels=None):
     metrics["command"] = " ".join(["python", f"{SCRIPT}.py", *args.argv])
     with open(os.path.join(args.out, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
-    print(f"wrote {args.out}: results.png, samples.npz, metrics.json and the checkpoints")
-    if data.shape != (2,):
-        print(f"score the images with: python evaluate.py {args.out}")
+    score = "" if data.shape == (2,) else f"; score the images with: python evaluate.py {args.out}"
+    print(f"wrote {args.out}: results.png, samples.npz, metrics.json, the checkpoints{score}")
 
 
 def image_grid(x, labels=None, n=8):
-    """Images (N, C, H, W) as one (H', W', 3) array: n x n of them, or a row of n per class asked for."""
+    """n x n images, or a row of n per class asked for, as one (H, W, 3) array."""
     from torchvision.utils import make_grid
     x = torch.as_tensor(x)
     if labels is None:
@@ -485,10 +471,16 @@ DEFAULTS = {"toys": {"steps": 3400, "reflow_steps": 2500, "batch_size": 512, "lr
                        "n_pairs": 8192, "ode_steps": 0, "n_eval": 2000, "guidance_interval": [0.0, 1.0]},
             "mnist": {"steps": 6000, "reflow_steps": 5000, "batch_size": 64, "lr": 2e-3, "channels": 16,
                       "n_pairs": 8192, "ode_steps": 16, "n_eval": 1000, "guidance_interval": [0.0, 0.9]}}
-POSITIVE = ["steps", "batch_size", "lr", "channels", "ckpt_every", "n_eval", "guidance", "reflow_steps",
-            "n_pairs"]
-FRACTIONS = ["label_drop", "t1_frac"]
-NONNEGATIVE = ["seed", "ode_steps", "reflows"]
+
+
+def positive(cast):
+    def parse(text):
+        value = cast(text)
+        if not 0 < value < math.inf:                        # refuses nan too
+            raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+        return value
+    parse.__name__ = cast.__name__                          # argparse's "invalid int value: ..." names it
+    return parse
 
 
 def get_args(argv=None):
@@ -499,129 +491,110 @@ def get_args(argv=None):
     per_data = argparse.SUPPRESS                            # from DEFAULTS, for the --data given
     p.add_argument("--data", default="moons", choices=TOYS + ["digits", "mnist"], help="dataset")
     p.add_argument("--data-dir", default="data", help="where MNIST is stored or downloaded to")
-    p.add_argument("--steps", type=int, default=per_data, help="training steps of stage 1")
-    p.add_argument("--batch-size", type=int, default=per_data, help="batch size")
-    p.add_argument("--lr", type=float, default=per_data, help="learning rate")
-    p.add_argument("--channels", type=int, default=per_data, help="base channels of the image U-Net")
+    p.add_argument("--steps", type=positive(int), default=per_data, help="training steps of stage 1")
+    p.add_argument("--batch-size", type=positive(int), default=per_data, help="batch size")
+    p.add_argument("--lr", type=positive(float), default=per_data, help="learning rate")
+    p.add_argument("--channels", type=positive(int), default=per_data, help="base channels of the U-Net")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="device")
     p.add_argument("--seed", type=int, default=0, help="random seed (0 or more)")
     p.add_argument("--out", default=os.path.join("outputs", SCRIPT), help="output folder")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted stage")
-    p.add_argument("--ckpt-every", type=int, default=2000, help="checkpoint interval in steps")
-    p.add_argument("--n-eval", type=int, default=per_data, help="samples to evaluate (at most the held-out)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted stage in --out")
+    p.add_argument("--n-eval", type=positive(int), default=per_data, help="samples to evaluate")
     p.add_argument("--cond", action="store_true", help=f"class-conditional ({', '.join(N_CLASSES)})")
-    p.add_argument("--label-drop", type=float, default=0.1, help="with --cond: share of labels dropped")
-    p.add_argument("--guidance", type=float, default=1.0, help="with --cond: classifier-free guidance weight")
+    p.add_argument("--guidance", type=positive(float), default=1.0,
+                   help="with --cond: classifier-free guidance weight")
     p.add_argument("--guidance-interval", type=float, nargs=2, default=per_data, metavar=("LO", "HI"),
                    help="guide stage 1's ODE only for t in [LO, HI]; unguided elsewhere")
-    p.add_argument("--reflow-steps", type=int, default=per_data, help="training steps of each later stage")
-    p.add_argument("--n-pairs", type=int, default=per_data, help="pairs (x_hat, e) simulated from a stage")
-    p.add_argument("--ode-steps", type=int, default=per_data,
-                   help="the ODE of the pairs and 'ode' samples: 0 dopri5, N > 0 N midpoint steps")
+    p.add_argument("--reflow-steps", type=positive(int), default=per_data, help="training steps of a reflow")
+    p.add_argument("--n-pairs", type=positive(int), default=per_data, help="pairs (x_hat, e) made by a stage")
+    p.add_argument("--ode-steps", type=int, default=per_data, help="the ODE: 0 dopri5, N midpoint steps")
     p.add_argument("--reflows", type=int, default=1, metavar="K", help="reflows after stage 1 (0 or more)")
-    p.add_argument("--t1-frac", type=float, default=0.5, help="share of each reflow batch at t = 1")
     p.add_argument("--distill", action="store_true", help="also distill the stage that made the last pairs")
     args = p.parse_args(argv)
     for key, value in DEFAULTS["toys" if args.data in TOYS else args.data].items():
         vars(args).setdefault(key, value)
-    for key in POSITIVE:
-        if not 0 < vars(args)[key] < math.inf:              # refuses nan too
-            p.error(f"--{key.replace('_', '-')} must be a positive number, got {vars(args)[key]}")
-    for key in FRACTIONS:
-        if not 0 <= vars(args)[key] <= 1:
-            p.error(f"--{key.replace('_', '-')} must be in [0, 1], got {vars(args)[key]}")
-    for key in NONNEGATIVE:
-        if vars(args)[key] < 0:
-            p.error(f"--{key.replace('_', '-')} must be 0 or more, got {vars(args)[key]}")
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    if args.device == "auto":
+        args.device = next(name for name, ok in available.items() if ok)
+    if not available[args.device]:
+        p.error(f"--device {args.device} is not available here")
+    if args.seed < 0:
+        p.error(f"--seed must be 0 or more, got {args.seed}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        p.error(f"--out {args.out} is a file, not a folder")
     if args.cond and args.data not in N_CLASSES:
         p.error(f"--cond needs data with labels ({', '.join(N_CLASSES)})")
-    if args.guidance != 1 and not (args.cond and args.label_drop > 0):
-        p.error("--guidance needs --cond and --label-drop > 0 (it uses the model without a label)")
+    if args.guidance != 1 and not args.cond:
+        p.error("--guidance needs --cond (it compares the model with and without a label)")
     if not 0 <= args.guidance_interval[0] <= args.guidance_interval[1] <= 1:
         p.error(f"--guidance-interval needs 0 <= LO <= HI <= 1, got {args.guidance_interval}")
-    args.argv = sys.argv[1:] if argv is None else list(argv)
+    if min(args.ode_steps, args.reflows) < 0:
+        p.error(f"--ode-steps and --reflows must be 0 or more, got {args.ode_steps} and {args.reflows}")
     if args.distill and args.reflows == 0:
         p.error("--distill needs --reflows 1 or more")
+    args.argv = sys.argv[1:] if argv is None else list(argv)
     return args
 
 
 # --- main ---
-def file_hash(path):
-    """A short sha256 of a file's bytes, recorded by the files made from it."""
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()[:16]
-
-
-def train_stage(name, model, loss_fn, batches, steps, config, args):
-    """Train --out/<name>.pt, or reuse it if it was finished with this config (settings, upstream file)."""
-    path = os.path.join(args.out, f"{name}.pt")
-    ckpt = load_saved(path, config, args.resume)
-    if ckpt is not None and ckpt["step"] >= steps:
-        print(f"[{name}] reusing {path}, made with these settings")
-    elif ckpt is not None and not args.resume:
-        print(f"note: {path} stopped at step {ckpt['step']}; training it again (--resume continues it)")
-        ckpt = None
-    return train(model, loss_fn, batches, steps, args.lr, path, config, ckpt, args.ckpt_every, name)
-
-
-def get_pairs(k, model, w, args, shape, n_classes):
-    """The pairs of stage k: --out/pairs<k>.pt if made with these settings from this very stage file, else
-    simulated by the stage's ODE (guided with w) and saved there."""
-    config = {"n_pairs": args.n_pairs, "ode_steps": args.ode_steps, "seed": args.seed, "guidance": w,
-              "guidance_interval": args.guidance_interval if w != 1 else None,
-              "made_from": file_hash(os.path.join(args.out, f"stage{k}.pt"))}
-    path = os.path.join(args.out, f"pairs{k}.pt")
-    pairs = load_saved(path, config, args.resume)
-    if pairs is None:
-        t0 = time.perf_counter()
-        chunk = 256 if args.data == "mnist" else 4096        # on a CPU big image batches cost 3x more
-        x_hat, e, labels, nfe = make_pairs(model, args.n_pairs, shape, args.seed + 4000 + k, n_classes, w,
-                                           args.guidance_interval, args.ode_steps, chunk)
-        pairs = {"x_hat": x_hat, "e": e, "labels": labels, "nfe": nfe, "config": config,
-                 "seconds": round(time.perf_counter() - t0, 2)}
-        save_checkpoint(path, pairs)
-        print(f"[pairs{k}] {args.n_pairs} pairs: {nfe} network evaluations a pair, {pairs['seconds']} s")
-    return pairs
-
-
 def run(args):
-    device = pick_device(args.device)
     torch.manual_seed(args.seed)
     os.makedirs(args.out, exist_ok=True)
+    device = torch.device(args.device)
     data = Data(args.data, args.data_dir, args.seed, device, args.n_eval)
     n_classes = data.n_classes if args.cond else 0
-    keys = ["data", "data_dir", "channels", "cond", "label_drop", "seed", "lr", "batch_size"]
-    settings = {k: vars(args)[k] for k in keys}
-    # stage 1: 1-rectified flow on independent pairs (x ~ data, e ~ N(0, I))
-    model = make_model(data.shape, 1, args.channels, n_classes).to(device)     # v_theta(z, t)
-    batches = data.batches(args.batch_size, args.label_drop if args.cond else None)
-    config = {**settings, "steps": args.steps}
+    if data.shape == (2,):                                  # v_theta(z, t): one time
+        model = ResMLP(1, n_classes).to(device)
+    else:                                                   # channels-last: faster convolutions on a CPU
+        model = SmallUNet(data.shape, 1, args.channels, n_classes)
+        model = model.to(device, memory_format=torch.channels_last)
+    keys = ["data", "data_dir", "channels", "cond", "seed", "lr", "batch_size"]
+    config = {k: vars(args)[k] for k in keys + ["steps"]}   # what makes it this run: --resume refuses others
     stages, infos, pair_infos = {}, {}, {}
-    stages["stage1"], infos["stage1"] = train_stage("stage1", model, rf_loss, batches, args.steps, config,
-                                                    args)
-    # stage k + 1 on the pairs of stage k (stage 1's by its guided ODE), from stage k's weights; --distill:
-    # the one-step map of the stage that made the last pairs, on those pairs
-    reflow = {"t1_frac": args.t1_frac}
-    later = [(f"stage{k + 1}", k) for k in range(1, args.reflows + 1)]
-    if args.distill:
-        later.append(("distill", args.reflows))
-    for name, k in later:
-        if any(info["interrupted"] for info in infos.values()):
-            break
-        pairs = get_pairs(k, stages[f"stage{k}"], args.guidance if k == 1 else 1, args, data.shape, n_classes)
-        pair_infos[f"pairs{k}"] = {"nfe": pairs["nfe"], "seconds": pairs["seconds"]}
-        torch.manual_seed(args.seed + 5000 + k)
-        model = make_model(data.shape, 1, args.channels, n_classes).to(device)
-        model.load_state_dict(stages[f"stage{k}"].state_dict())
-        batches = pair_batches(pairs, args.batch_size, args.seed + 5000 + k, device)
-        loss_fn = distill_loss if name == "distill" else functools.partial(rf_loss, **reflow)
-        config = {**settings, "steps": args.reflow_steps, **({} if name == "distill" else reflow),
-                  "made_from": file_hash(os.path.join(args.out, f"pairs{k}.pt"))}
-        stages[name], infos[name] = train_stage(name, model, loss_fn, batches, args.reflow_steps, config,
-                                                args)
+    # stage 1: 1-rectified flow on independent (x, e); a finished stage file made with these settings is
+    # reused, an unfinished one continued with --resume
+    path = os.path.join(args.out, "stage1.pt")
+    ckpt = load_checkpoint(path, config, args.resume)
+    if ckpt is not None and ckpt["step"] < config["steps"] and not args.resume:
+        print(f"note: {path} stopped at step {ckpt['step']}; training it anew (--resume continues it)")
+        ckpt = None
+    batches = data.batches(args.batch_size, args.cond)
+    stages["stage1"], infos["stage1"] = train(model, rf_loss, batches, args.steps, args.lr, path, config,
+                                              ckpt, "stage1")
 
-    # each stage: 1, 2, 4 Euler steps (distill: 1) and its ODE, from the same noise, for the held-out
-    # set's labels; stage 1 guided as its pairs were, the later stages learned the guided map
+    # stage k + 1: the same loss on the pairs (x_hat, e) of stage k's ODE (stage 1's guided, per label), from
+    # its weights; --distill: the one-step map of the last pairs' stage. A file is reused only if made from
+    # the very file upstream ("made_from": its hash)
+    later = [(f"stage{k + 1}", k) for k in range(1, args.reflows + 1)]
+    later += [("distill", args.reflows)] if args.distill else []
+    for name, k in later:
+        w = args.guidance if k == 1 else 1.0
+        pairs_path = os.path.join(args.out, f"pairs{k}.pt")
+        pairs_config = {"n_pairs": args.n_pairs, "ode_steps": args.ode_steps, "guidance": w,
+                        "guidance_interval": args.guidance_interval if w != 1 else None,
+                        "made_from": file_hash(os.path.join(args.out, f"stage{k}.pt"))}
+        pairs = load_checkpoint(pairs_path, pairs_config, args.resume)
+        if pairs is None:
+            chunk = 256 if args.data == "mnist" else 4096    # on a CPU big image batches cost 3x more
+            pairs = make_pairs(stages[f"stage{k}"], args.n_pairs, data.shape, args.seed + 4000 + k, n_classes,
+                               w, args.guidance_interval, args.ode_steps, chunk)
+            save_checkpoint(pairs_path, {**pairs, "config": pairs_config})
+        pair_infos[f"pairs{k}"] = {"nfe": pairs["nfe"], "seconds": pairs["seconds"]}
+        torch.manual_seed(args.seed + 5000 + k)             # the stage's batches, whether files were reused
+        model.load_state_dict(stages[f"stage{k}"].state_dict())
+        loss_fn = distill_loss if name == "distill" else functools.partial(rf_loss, t1_frac=0.5)
+        config = {**config, "steps": args.reflow_steps, "made_from": file_hash(pairs_path)}
+        path = os.path.join(args.out, f"{name}.pt")
+        ckpt = load_checkpoint(path, config, args.resume)
+        if ckpt is not None and ckpt["step"] < config["steps"] and not args.resume:
+            print(f"note: {path} stopped at step {ckpt['step']}; training it anew (--resume continues it)")
+            ckpt = None
+        batches = pair_batches(pairs, args.batch_size, device)
+        stages[name], infos[name] = train(model, loss_fn, batches, args.reflow_steps, args.lr, path, config,
+                                          ckpt, name)
+
+    # each stage: 1, 2, 4 Euler steps (distill: 1) and its ODE, from the same noise, for the held-out set's
+    # labels; stage 1 guided as its pairs were, the later stages learned the guided map
     e = eval_noise(data, args.seed + 3000, device)
     labels = data.heldout_labels if args.cond else None
     y = None if labels is None else torch.as_tensor(labels, device=device)
@@ -633,18 +606,18 @@ def run(args):
         for n in (1,) if name == "distill" else (1, 2, 4):
             x, nfe = euler_sample(model, e, n, y, w, args.guidance_interval)
             out[f"{name}_nfe{nfe}"] = x
-            if n == 1:
-                one_step = f"{name}_nfe{nfe}"               # 2 NFE for a guided step
-        if name != "distill":
-            n_grid = 100 if data.shape == (2,) else 10     # the path's points for its straightness
-            path, infos[name]["ode_nfe"] = ode_generate(model, e, y, w, args.guidance_interval, n_grid,
-                                                        args.ode_steps)
-            out[f"{name}_ode"] = path[-1]
-            S, C = straightness(model, path, y, w, args.guidance_interval)
-            infos[name].update(straightness=S, transport_cost=C)
-            print(f"{name}: {infos[name]['steps']} steps, straightness {S:.4f}, transport cost {C:.4f}")
-            panels.append((f"{name}_ode", path[:, :300].transpose(0, 1) if data.shape == (2,) else path[-1]))
-        panels.append((one_step, out[one_step]))
+            if n == 1:                                      # the one-step panel (2 NFE if guided)
+                panels.append((f"{name}_nfe{nfe}", x))
+        if name == "distill":
+            continue
+        n_grid = 100 if data.shape == (2,) else 10         # the path's points for its straightness
+        path, infos[name]["ode_nfe"] = ode_generate(model, e, y, w, args.guidance_interval, n_grid,
+                                                    args.ode_steps)
+        out[f"{name}_ode"] = path[-1]
+        S, C = straightness(model, path, y, w, args.guidance_interval)
+        infos[name].update(straightness=S, transport_cost=C)
+        print(f"{name}: {infos[name]['steps']} steps, straightness {S:.4f}, transport cost {C:.4f}")
+        panels.append((f"{name}_ode", path[:, :300].transpose(0, 1) if data.shape == (2,) else path[-1]))
     samples = {k: data.to_data(v) for k, v in out.items()}
     metrics = report_w2(samples, data) if data.shape == (2,) else {}
     metrics.update(stages=infos, pairs=pair_infos)
@@ -654,21 +627,13 @@ def run(args):
     title += ": " + " -> ".join(f"{name} ({info['steps']} steps)" for name, info in infos.items())
     save_results(args, samples, data, metrics, labels)
     plot_panels(os.path.join(args.out, "results.png"), title, panels, losses, metrics, labels)
-    if any(info["interrupted"] for info in infos.values()):
-        raise KeyboardInterrupt
     return metrics
 
 
-def main(argv=None):
-    """Command line entry: problems the user can fix end in a one-line error; Ctrl-C exits with code 130."""
-    args = get_args(argv)
+if __name__ == "__main__":
     try:
-        return run(args)
+        run(get_args())
     except RunError as err:
         sys.exit(f"error: {err}")
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:                               # train saved the checkpoint and said so
         sys.exit(130)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,16 +1,17 @@
 """How much evaluate.py's image numbers depend on its classifier. It trains evaluate.FeatureNet (its last
 feature map flattened into the 64 features) and the variant evaluate.py used before 2026-12-07, which averages
-that map to one value per channel, each with a few seeds and evaluate.py's recipe (seed 0 of the first is the
-classifier evaluate.py trains), prints each one's accuracy on the held-out real images, then scores with
-every one the samples of the OUT folders given (FD / floor and label accuracy, as evaluate.py does) and real
-training images with defects of known size (pixel noise, blur, a shift, thicker strokes), to show what each
-FD notices. From the repository root:
+that map to one value per channel, each with a few seeds and evaluate.py's recipe (seed 0 of the first is
+how evaluate.py's shipped classifier was made), prints each one's accuracy on the held-out real images, then
+scores with every one the samples of the OUT folders given (FD / floor and label accuracy, as evaluate.py
+does) and real training images with defects of known size (pixel noise, blur, a shift, thicker strokes), to
+show what each FD notices. From the repository root:
 
     python benchmarks/classifier_check.py --data-dir DIR --seeds 0 1 2 -- OUT [OUT ...]   # MNIST runs
 
 It imports evaluate.py and changes nothing on disk."""
 import argparse
 import contextlib
+import copy
 import io
 import os
 import sys
@@ -42,11 +43,10 @@ class AveragedFeatureNet(nn.Module):
 
 
 def train_classifier(kind, name, train, labels, seed):
-    """'flattened': evaluate.image_classifier itself, cached in a temporary folder; 'averaged': its training
-    loop (Adam 2e-3, batch 128, its number of steps) on AveragedFeatureNet."""
+    """'flattened': evaluate.train_classifier itself; 'averaged': its training loop (Adam 2e-3, batch 128, its
+    number of steps) on AveragedFeatureNet."""
     if kind == "flattened":
-        with tempfile.TemporaryDirectory() as folder:
-            return evaluate.image_classifier(name, train, labels, folder, seed).requires_grad_(False)
+        return evaluate.train_classifier(train, labels, seed).requires_grad_(False)
     steps = min(2000, max(300, 20 * len(train) // 128))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -101,7 +101,7 @@ def main(argv=None):
         for out in [*args.outs, defects]:
             scores = {}
             for key, net in nets.items():
-                evaluate.image_classifier = lambda *a, net=net, **k: net
+                evaluate.image_classifier = lambda *a, net=copy.deepcopy(net).double(), **k: net
                 try:
                     with contextlib.redirect_stdout(io.StringIO()):
                         scores[key] = evaluate.evaluate(out, args.data_dir)

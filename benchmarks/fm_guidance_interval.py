@@ -55,12 +55,16 @@ def main(argv=None):
     p.add_argument("out", help="the --out folder of a class-conditional fm.py run")
     args = p.parse_args(argv)
     run = json.load(open(os.path.join(args.out, "metrics.json")))["command"].split()[2:]
-    cfg = fm.get_args(run)
+    cfg = fm.get_args(run + ["--device", "cpu"])            # the run's device may not be here
     if not cfg.cond:
         p.error(f"{args.out} holds an unconditional run: guidance needs --cond")
     saved = torch.load(os.path.join(args.out, "checkpoint.pt"), map_location="cpu", weights_only=True)
     data = fm.Data(cfg.data, cfg.data_dir, cfg.seed, torch.device("cpu"), cfg.n_eval)
-    model = fm.make_model(data.shape, 1, cfg.channels, data.n_classes)
+    if data.shape == (2,):                                  # the network fm.py trains on this data
+        model = fm.ResMLP(1, data.n_classes)
+    else:
+        model = fm.SmallUNet(data.shape, 1, cfg.channels, data.n_classes)
+        model = model.to(memory_format=torch.channels_last)
     model.load_state_dict(saved["ema"])
     e = fm.eval_noise(data, cfg.seed + 3000, "cpu")
     labels = torch.as_tensor(data.heldout_labels)

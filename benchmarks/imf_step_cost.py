@@ -57,12 +57,15 @@ def main(argv=None):
     if min(args.steps, args.repeats, args.batch_size, args.channels) <= 0:
         p.error("--steps, --repeats, --batch-size and --channels must be positive")
     try:
-        device = imf.pick_device(args.device)
+        device = torch.device(imf.get_args(["--device", args.device]).device)   # "auto": the one there is
         torch.manual_seed(0)
         data = imf.Data(args.data, args.data_dir, 0, device, 2)
     except imf.RunError as err:
         sys.exit(f"error: {err}")
-    model = imf.make_model(data.shape, 2, args.channels).to(device)
+    if data.shape == (2,):                                  # the network imf.py trains on this data
+        model = imf.ResMLP(2).to(device)
+    else:
+        model = imf.SmallUNet(data.shape, 2, args.channels).to(device, memory_format=torch.channels_last)
     ms = step_cost(model, data.batches(args.batch_size), args.steps, args.repeats)
     print(f"ms per step on {device} (median of {args.repeats} x {args.steps}): "
           + ", ".join(f"{k} {v:.2f}" for k, v in ms.items()) + f"; iMF / flow matching = "

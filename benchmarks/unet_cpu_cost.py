@@ -37,9 +37,9 @@ VARIANTS = {
 def make(loss, channels, channels_last):
     torch.manual_seed(0)
     if loss == "fm":
-        model, fn = fm.make_model((1, 28, 28), 1, channels), fm.fm_loss
+        model, fn = fm.SmallUNet((1, 28, 28), 1, channels), fm.fm_loss
     else:
-        model, fn = imf.make_model((1, 28, 28), 2, channels), imf.imf_loss
+        model, fn = imf.SmallUNet((1, 28, 28), 2, channels), imf.imf_loss
     model = model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     return model, fn, torch.optim.Adam(model.parameters(), lr=1e-4, foreach=True)
 
