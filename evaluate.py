@@ -58,9 +58,7 @@ def w2_distance(a, b):
     return float(np.sqrt(cost[rows, cols].mean()))
 
 
-class FeatureNet(nn.Module):
-    """A small CNN classifier; its penultimate layer (64 features of its last feature map) compares images."""
-
+class FeatureNet(nn.Module):                                # its 64 penultimate features compare images
     def __init__(self, shape, n_classes=10):
         super().__init__()
         self.features = nn.Sequential(
@@ -104,8 +102,7 @@ def image_classifier(name, shape):
     return net.double().eval().requires_grad_(False)
 
 
-def features(net, x):
-    """The classifier's 64 features of images x, in float64 (the same on every machine), 500 at a time."""
+def features(net, x):                                       # float64: the same on every machine
     return torch.cat([net.features(b) for b in torch.as_tensor(x, dtype=torch.float64).split(500)])
 
 
@@ -138,8 +135,10 @@ def evaluate(path, data_dir=None):
     for key, x in samples.items():                          # real, floor, samples: never a partial set
         if x.dtype.kind not in "iuf" or x.ndim < 2 or x.shape != real.shape:
             raise RunError(f"'{key}' in {path} is {x.dtype} {x.shape}, not numbers of shape {real.shape}")
-        if not np.isfinite(x).all():
-            raise RunError(f"'{key}' in {path} holds NaN or inf")
+        if not np.isfinite(x).all() or real.ndim > 2 and not 0 <= x.min() <= x.max() <= 1:
+            raise RunError(f"'{key}' in {path} holds NaN or inf, or images outside [0, 1]")
+    if len(real) < 2 or not set(samples) - {"real", "floor"}:
+        raise RunError(f"{path} has no sample set of two or more to score")
     if labels is not None and (labels.dtype.kind not in "iu" or labels.shape != (len(real),)):
         raise RunError(f"'labels' in {path} must be {len(real)} integers, not {labels.dtype} {labels.shape}")
     real, floor_set = torch.as_tensor(samples.pop("real"), dtype=torch.float64), samples.pop("floor", None)
@@ -155,6 +154,8 @@ def evaluate(path, data_dir=None):
         real_features, g = features(net, real), torch.Generator().manual_seed(seed + 2000)
         subsets = [train[torch.randperm(len(train), generator=g)[:len(real)]] for _ in range(5)]
         floor = float(np.mean([frechet_distance(features(net, x), real_features) for x in subsets]))
+    if not floor > 0:
+        raise RunError(f"the floor of {path} is {floor}: its real sets are the same")
     scores = {}
     for key, x in samples.items():
         x = torch.as_tensor(x, dtype=torch.float64)

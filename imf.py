@@ -42,6 +42,8 @@ def sample_r_t(n, device, boundary_t="logit-normal", boundary_frac=0.7, r0_frac=
     r, t = torch.minimum(a, b), torch.maximum(a, b)
     if boundary_t == "logit-normal":
         t[:nb] = torch.sigmoid(torch.randn(nb, device=device) - 0.4)
+    elif boundary_t != "max":
+        raise ValueError(f"boundary_t must be logit-normal or max, got {boundary_t!r}")
     r[:nb] = t[:nb]
     r[nb:nb + n0], t[nb:nb + n0] = 0.0, 1.0 - a[nb:nb + n0]
     return r, t, nb
@@ -467,8 +469,6 @@ def get_args(argv=None):
         p.error(f"--device {args.device} is not available here")
     if args.seed < 0:
         p.error(f"--seed must be 0 or more, got {args.seed}")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        p.error(f"--out {args.out} is a file, not a folder")
     if args.cond and args.data not in N_CLASSES:
         p.error(f"--cond needs data with labels ({', '.join(N_CLASSES)})")
     if args.guidance != 1 and not args.cond:
@@ -480,7 +480,10 @@ def get_args(argv=None):
 # --- main ---
 def run(args):
     torch.manual_seed(args.seed)
-    os.makedirs(args.out, exist_ok=True)
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as err:                                  # a file, a folder we may not write to, ...
+        raise RunError(f"cannot make the --out folder {args.out} ({err.strerror})") from None
     device = torch.device(args.device)
     data = Data(args.data, args.data_dir, args.seed, device, args.n_eval)
     n_classes = data.n_classes if args.cond else 0

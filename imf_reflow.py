@@ -38,13 +38,15 @@ from tqdm import tqdm
 
 
 # --- method ---
-def sample_r_t(n, device, boundary_t="logit-normal", boundary_frac=0.7, r0_frac=0.2):
+def sample_r_t(n, device, boundary_t="max", boundary_frac=0.7, r0_frac=0.2):
     """(r, t), r <= t: the first nb rows r = t, then r = 0 (the one-step corner's slice), then any r < t."""
     nb, n0 = round(n * boundary_frac), round(n * r0_frac)
     a, b = torch.rand(n, device=device), torch.rand(n, device=device)
     r, t = torch.minimum(a, b), torch.maximum(a, b)
     if boundary_t == "logit-normal":
         t[:nb] = torch.sigmoid(torch.randn(nb, device=device) - 0.4)
+    elif boundary_t != "max":
+        raise ValueError(f"boundary_t must be logit-normal or max, got {boundary_t!r}")
     r[:nb] = t[:nb]
     r[nb:nb + n0], t[nb:nb + n0] = 0.0, 1.0 - a[nb:nb + n0]
     return r, t, nb
@@ -61,7 +63,7 @@ def meanflow_jvp(model, z, r, t, v, labels=None):
         return torch.func.jvp(f, (weights, z, r, t), (zeros, v, torch.zeros_like(r), torch.ones_like(t)))
 
 
-def imf_loss(model, x, e, labels=None, guidance=1.0, boundary_t="logit-normal"):
+def imf_loss(model, x, e, labels=None, guidance=1.0, boundary_t="max"):
     """iMF: ||u(z_t, r, t) + (t - r) sg(d/dt u) - v_tgt||^2, v_tgt = e - x, or with guidance w != 1 on
     labelled rows w (e - x) + (1 - w) sg(u(z_t, t, t | no label)); JVP tangent v_theta = u(z_t, t, t)."""
     r, t, nb = sample_r_t(len(x), x.device, boundary_t)
@@ -113,9 +115,10 @@ def velocity(model, z, t, labels=None, w=1.0):
 @torch.no_grad()
 def euler_sample(model, e, steps, labels=None, w=1.0, interval=(0.0, 1.0)):
     """Euler from t = 1 to 0 in equal steps, z <- z + (t_next - t) v(z, t), guided in the interval: z, NFE."""
+    lo, hi = torch.tensor(interval).tolist()                # float32, as the times
     z, ts, nfe = e, torch.linspace(1.0, 0.0, steps + 1).tolist(), 0
     for i in range(steps):
-        w_t = w if interval[0] <= ts[i] <= interval[1] else 1.0
+        w_t = w if lo <= ts[i] <= hi else 1.0
         t = torch.full((len(e),), ts[i], device=e.device)
         z = z + (ts[i + 1] - ts[i]) * velocity(model, z, t, labels, w_t)
         nfe += 1 if labels is None or w_t == 1 else 2
@@ -138,18 +141,22 @@ def ode_generate(model, e, labels=None, w=1.0, interval=(0.0, 1.0), n_grid=1, st
     if steps:                                               # fixed steps: far cheaper on MNIST (RESULTS.md)
         return odeint(f, e, ts, method="midpoint", options={"step_size": 1.0 / steps}), nfe[0]
     options = {"dtype": torch.float32 if e.device.type == "mps" else torch.float64}   # MPS has no float64
-    return odeint(f, e, ts, method="dopri5", rtol=1e-5, atol=1e-5, options=options), nfe[0]
+    try:
+        return odeint(f, e, ts, method="dopri5", rtol=1e-5, atol=1e-5, options=options), nfe[0]
+    except AssertionError:                                  # a non-finite velocity: dopri5 "underflow in dt"
+        return torch.full((n_grid + 1, *e.shape), math.nan, device=e.device), nfe[0]
 
 
 @torch.no_grad()
 def straightness(model, path, labels=None, w=1.0, interval=(0.0, 1.0)):
     """Of an ODE path z(t_i), t_i = 1 ... 0: S = E int_0^1 ||(z_1 - z_0) - v(z_t, t)||^2 dt (a Riemann sum; 0
     for straight paths) and the transport cost C = E ||z_0 - z_1||^2."""
+    lo, hi = torch.tensor(interval).tolist()                # float32, as the times
     ts = torch.linspace(1.0, 0.0, len(path)).tolist()
     line = path[0] - path[-1]
     gaps = []
     for z, t in zip(path[:-1], ts[:-1]):
-        w_t = w if interval[0] <= t <= interval[1] else 1.0
+        w_t = w if lo <= t <= hi else 1.0
         v = velocity(model, z, torch.full((len(z),), t, device=z.device), labels, w_t)
         gaps.append(((line - v) ** 2).flatten(1).sum(1))
     return torch.stack(gaps).mean().item(), (line ** 2).flatten(1).sum(1).mean().item()
@@ -570,8 +577,6 @@ def get_args(argv=None):
         p.error(f"--device {args.device} is not available here")
     if args.seed < 0:
         p.error(f"--seed must be 0 or more, got {args.seed}")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        p.error(f"--out {args.out} is a file, not a folder")
     if args.cond and args.data not in N_CLASSES:
         p.error(f"--cond needs data with labels ({', '.join(N_CLASSES)})")
     if args.guidance != 1 and not args.cond:
@@ -587,7 +592,10 @@ def get_args(argv=None):
 # --- main ---
 def run(args):
     torch.manual_seed(args.seed)
-    os.makedirs(args.out, exist_ok=True)
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as err:                                  # a file, a folder we may not write to, ...
+        raise RunError(f"cannot make the --out folder {args.out} ({err.strerror})") from None
     device = torch.device(args.device)
     data = Data(args.data, args.data_dir, args.seed, device, args.n_eval)
     n_classes = data.n_classes if args.cond else 0
@@ -609,7 +617,7 @@ def run(args):
         print(f"note: {path} stopped at step {ckpt['step']}; training it anew (--resume continues it)")
         ckpt = None
     batches = data.batches(args.batch_size, args.cond)
-    loss_fn = fm_loss if fm else functools.partial(imf_loss, guidance=args.guidance, boundary_t="max")
+    loss_fn = fm_loss if fm else functools.partial(imf_loss, guidance=args.guidance)
     stages["stage1"], infos["stage1"] = train(model, loss_fn, batches, args.steps, args.lr, path, config,
                                               ckpt, "stage1")
 
@@ -629,7 +637,7 @@ def run(args):
     pair_infos["pairs1"] = {"nfe": pairs["nfe"], "seconds": pairs["seconds"]}
     torch.manual_seed(args.seed + 5001)                     # the stage's batches, whether files were reused
     model.load_state_dict(stages["stage1"].state_dict())
-    loss_fn = functools.partial(imf_loss, boundary_t="max")
+    loss_fn = imf_loss
     config = {**config, "steps": args.reflow_steps, "made_from": file_hash(pairs_path)}
     path = os.path.join(args.out, "stage2.pt")
     ckpt = load_checkpoint(path, config, args.resume)
@@ -686,4 +694,5 @@ if __name__ == "__main__":
     except RunError as err:
         sys.exit(f"error: {err}")
     except KeyboardInterrupt:                               # train saved the checkpoint and said so
+        print("interrupted: the finished stage and pairs files are kept; a rerun goes on from them")
         sys.exit(130)

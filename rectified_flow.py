@@ -59,10 +59,11 @@ def velocity(model, z, t, labels=None, w=1.0):
 @torch.no_grad()
 def euler_sample(model, e, steps, labels=None, w=1.0, interval=(0.0, 1.0)):
     """Euler from t = 1 to 0 in equal steps, z <- z + (t_next - t) v(z, t), guided in the interval: z, NFE."""
+    lo, hi = torch.tensor(interval).tolist()                # float32, as the times
     z, nfe = e, 0
     ts = torch.linspace(1.0, 0.0, steps + 1).tolist()      # float32 times as Python numbers: no waits
     for t, t_next in zip(ts, ts[1:]):
-        w_t = w if interval[0] <= t <= interval[1] else 1.0
+        w_t = w if lo <= t <= hi else 1.0
         z = z + (t_next - t) * velocity(model, z, torch.full((len(e),), t, device=e.device), labels, w_t)
         nfe += 1 if labels is None or w_t == 1 else 2
     return z, nfe
@@ -73,10 +74,11 @@ def straightness(model, e, steps=100, labels=None, w=1.0, interval=(0.0, 1.0)):
     """Simulate the ODE from z_1 = e with `steps` Euler steps, guided only for t in the interval. Returns
     the path z(t_i), t_i = 1 ... 0, its straightness S = E int_0^1 ||(z_1 - z_0) - v(z_t, t)||^2 dt (a sum
     over the steps) and the transport cost C = E ||z_0 - z_1||^2."""
+    lo, hi = torch.tensor(interval).tolist()                # float32, as the times
     path, v = [e], []
     ts = torch.linspace(1.0, 0.0, steps + 1).tolist()      # float32 times as Python numbers: no waits
     for t, t_next in zip(ts, ts[1:]):
-        w_t = w if interval[0] <= t <= interval[1] else 1.0
+        w_t = w if lo <= t <= hi else 1.0
         v.append(velocity(model, path[-1], torch.full((len(e),), t, device=e.device), labels, w_t))
         path.append(path[-1] + (t_next - t) * v[-1])
     line = e - path[-1]                                     # z_1 - z_0
@@ -466,8 +468,6 @@ def get_args(argv=None):
         p.error(f"--device {args.device} is not available here")
     if args.seed < 0:
         p.error(f"--seed must be 0 or more, got {args.seed}")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        p.error(f"--out {args.out} is a file, not a folder")
     if args.cond and args.data not in N_CLASSES:
         p.error(f"--cond needs data with labels ({', '.join(N_CLASSES)})")
     if args.guidance != 1 and not args.cond:
@@ -483,7 +483,10 @@ def get_args(argv=None):
 # --- main ---
 def run(args):
     torch.manual_seed(args.seed)
-    os.makedirs(args.out, exist_ok=True)
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as err:                                  # a file, a folder we may not write to, ...
+        raise RunError(f"cannot make the --out folder {args.out} ({err.strerror})") from None
     device = torch.device(args.device)
     data = Data(args.data, args.data_dir, args.seed, device, args.n_eval)
     source = None if args.source == "gaussian" else Data(args.source, args.data_dir, args.seed + 7, device,

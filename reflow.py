@@ -63,9 +63,10 @@ def velocity(model, z, t, labels=None, w=1.0):
 @torch.no_grad()
 def euler_sample(model, e, steps, labels=None, w=1.0, interval=(0.0, 1.0)):
     """Euler from t = 1 to 0 in equal steps, z <- z + (t_next - t) v(z, t), guided in the interval: z, NFE."""
+    lo, hi = torch.tensor(interval).tolist()                # float32, as the times
     z, ts, nfe = e, torch.linspace(1.0, 0.0, steps + 1).tolist(), 0
     for i in range(steps):
-        w_t = w if interval[0] <= ts[i] <= interval[1] else 1.0
+        w_t = w if lo <= ts[i] <= hi else 1.0
         t = torch.full((len(e),), ts[i], device=e.device)
         z = z + (ts[i + 1] - ts[i]) * velocity(model, z, t, labels, w_t)
         nfe += 1 if labels is None or w_t == 1 else 2
@@ -88,18 +89,22 @@ def ode_generate(model, e, labels=None, w=1.0, interval=(0.0, 1.0), n_grid=1, st
     if steps:                                               # fixed steps: far cheaper on MNIST (RESULTS.md)
         return odeint(f, e, ts, method="midpoint", options={"step_size": 1.0 / steps}), nfe[0]
     options = {"dtype": torch.float32 if e.device.type == "mps" else torch.float64}   # MPS has no float64
-    return odeint(f, e, ts, method="dopri5", rtol=1e-5, atol=1e-5, options=options), nfe[0]
+    try:
+        return odeint(f, e, ts, method="dopri5", rtol=1e-5, atol=1e-5, options=options), nfe[0]
+    except AssertionError:                                  # a non-finite velocity: dopri5 "underflow in dt"
+        return torch.full((n_grid + 1, *e.shape), math.nan, device=e.device), nfe[0]
 
 
 @torch.no_grad()
 def straightness(model, path, labels=None, w=1.0, interval=(0.0, 1.0)):
     """Of an ODE path z(t_i), t_i = 1 ... 0: S = E int_0^1 ||(z_1 - z_0) - v(z_t, t)||^2 dt (a Riemann sum; 0
     for straight paths) and the transport cost C = E ||z_0 - z_1||^2."""
+    lo, hi = torch.tensor(interval).tolist()                # float32, as the times
     ts = torch.linspace(1.0, 0.0, len(path)).tolist()
     line = path[0] - path[-1]
     gaps = []
     for z, t in zip(path[:-1], ts[:-1]):
-        w_t = w if interval[0] <= t <= interval[1] else 1.0
+        w_t = w if lo <= t <= hi else 1.0
         v = velocity(model, z, torch.full((len(z),), t, device=z.device), labels, w_t)
         gaps.append(((line - v) ** 2).flatten(1).sum(1))
     return torch.stack(gaps).mean().item(), (line ** 2).flatten(1).sum(1).mean().item()
@@ -520,8 +525,6 @@ def get_args(argv=None):
         p.error(f"--device {args.device} is not available here")
     if args.seed < 0:
         p.error(f"--seed must be 0 or more, got {args.seed}")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        p.error(f"--out {args.out} is a file, not a folder")
     if args.cond and args.data not in N_CLASSES:
         p.error(f"--cond needs data with labels ({', '.join(N_CLASSES)})")
     if args.guidance != 1 and not args.cond:
@@ -539,7 +542,10 @@ def get_args(argv=None):
 # --- main ---
 def run(args):
     torch.manual_seed(args.seed)
-    os.makedirs(args.out, exist_ok=True)
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as err:                                  # a file, a folder we may not write to, ...
+        raise RunError(f"cannot make the --out folder {args.out} ({err.strerror})") from None
     device = torch.device(args.device)
     data = Data(args.data, args.data_dir, args.seed, device, args.n_eval)
     n_classes = data.n_classes if args.cond else 0
@@ -636,4 +642,5 @@ if __name__ == "__main__":
     except RunError as err:
         sys.exit(f"error: {err}")
     except KeyboardInterrupt:                               # train saved the checkpoint and said so
+        print("interrupted: the finished stage and pairs files are kept; a rerun goes on from them")
         sys.exit(130)

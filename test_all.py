@@ -259,6 +259,9 @@ def test_reflow_distillation_reads_the_one_step_corner():
     loss = reflow.distill_loss(Spy1(), x, e)
     assert torch.equal(seen[-1][0], e) and torch.all(seen[-1][1] == 1)
     assert torch.allclose(loss, ((e - x) ** 2).mean())
+    reflow.rf_loss(Spy1(), x, e, t1_frac=0.5)                   # reflow's stages: half the batch at t = 1
+    z, t = seen[-1]
+    assert torch.all(t[:5] == 1) and torch.equal(z[:5], e[:5]) and torch.all(t[5:] < 1)
 
 
 def test_guidance_combines_two_outputs_in_one_call_and_counts_both():
@@ -382,14 +385,12 @@ def test_every_toy_is_normalised_and_labelled():
         assert set(data.labels.tolist()) == classes
 
 
-def test_nan_samples_keep_the_files_and_the_report_says_so(tmp_path, capsys):
-    data = fm.Data("moons", "data", 0, torch.device("cpu"), 50)
-    samples = {"nfe1": np.full((50, 2), np.nan, np.float32), "nfe2": data.floor}
-    metrics = fm.report_w2(samples, data)
-    assert "nfe1  non-finite samples" in capsys.readouterr().out
-    assert "w2_nfe1" not in metrics and metrics["w2_ratio_nfe2"] > 0
-    fm.plot_panels(tmp_path / "f.png", "t", list(samples.items()), {"a": [1.0, 0.5]}, metrics)
-    assert (tmp_path / "f.png").exists()
+def test_nan_samples_keep_the_files_and_the_report_says_so(tmp_path, monkeypatch, capsys):
+    """NaN noise makes every sample NaN (dopri5 cannot step it): the run still writes its files and says so."""
+    monkeypatch.setattr(fm, "eval_noise", lambda data, seed, device: torch.full((50, 2), float("nan")))
+    metrics = run("fm", tmp_path, "--steps", "20", "--n-eval", "50")
+    assert "ode  non-finite samples: no W2" in capsys.readouterr().out and "w2_ode" not in metrics
+    assert np.isnan(np.load(tmp_path / "samples.npz")["ode"]).all() and (tmp_path / "results.png").exists()
 
 
 # ============================================================ evaluate.py: a fixed ruler, honest or silent
@@ -418,7 +419,9 @@ BAD_FILES = [({"real": None}, "no 'real' array"), ({"floor": None}, "'floor'"),
              ({"nfe1": np.zeros((20, 2))}, "'nfe1' in"), ({"nfe1": np.zeros((40, 3))}, "'nfe1' in"),
              ({"real": np.zeros((2000, 2)), "floor": np.zeros((2000, 2))}, "(40, 2)"),
              ({"images": True, "nfe1": np.zeros((40, 1, 7, 7))}, "'nfe1' in"),
-             ({"images": True, "data": "cifar10"}, "cifar10.pt")]
+             ({"images": True, "data": "cifar10"}, "cifar10.pt"), ({"nfe1": None}, "no sample set"),
+             ({"floor": np.zeros((40, 2)) + [10, 0], "real": np.zeros((40, 2)) + [10, 0]}, "the floor"),
+             ({"images": True, "nfe1": np.full((40, 1, 8, 8), 255.0)}, "outside [0, 1]")]
 
 
 @pytest.mark.parametrize("arrays, text", BAD_FILES)
@@ -426,11 +429,14 @@ def test_evaluate_refuses_what_it_cannot_score_honestly_in_one_line(arrays, text
     """NaN, a partial set (40 of 2000 points once scored 0.00x), labels of another length, a 1-D or
     non-numeric array, another shape, 2D points without a floor, data without a classifier: one line, exit 1,
     no scores.json."""
-    code, out = cli("evaluate", samples_file(tmp_path / "samples.npz", **arrays))
-    assert code == 1 and out.startswith("error: ") and out.count("\n") == 1 and text in out, out
+    for path, text in [(samples_file(tmp_path / "samples.npz", **arrays), text),
+                       (tmp_path / "bad.npz", "cannot read samples")]:
+        (tmp_path / "bad.npz").write_text("not an npz file")
+        with pytest.raises(SystemExit) as err:                     # main's exit: "error: ..." and code 1
+            evaluate.main([str(path)])
+        message = str(err.value.code)
+        assert message.startswith("error: ") and "\n" not in message and text in message, message
     assert not (tmp_path / "scores.json").exists()
-    (tmp_path / "bad.npz").write_text("not an npz file")
-    assert "cannot read samples" in cli("evaluate", str(tmp_path / "bad.npz"))[1]
 
 
 def test_evaluate_scores_2d_points_by_the_exact_w2_they_imply(tmp_path):
@@ -509,10 +515,12 @@ def test_method_flags_are_checked(capsys):
                              (reflow, ["--guidance-interval", "0.5", "0.2"], "0 <= LO <= HI <= 1"),
                              (reflow, ["--reflows", "-1"], "--reflows must be 0 or more"),
                              (imf_reflow, ["--ode-steps", "-1"], "--ode-steps must be 0 or more"),
-                             (imf, ["--out", __file__], "is a file, not a folder")]:
+                             (imf_reflow, ["--teacher", "dit"], "invalid choice")]:
         with pytest.raises(SystemExit):
             mod.get_args(flags)
         assert text in capsys.readouterr().err
+    with pytest.raises(fm.RunError, match="cannot make the --out folder"):    # under a file
+        fm.run(fm.get_args(["--out", os.path.join(__file__, "out")]))
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit):
             fm.get_args(["--device", "cuda"])
