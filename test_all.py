@@ -386,7 +386,7 @@ def test_every_toy_is_normalised_and_labelled():
 
 
 def test_nan_samples_keep_the_files_and_the_report_says_so(tmp_path, monkeypatch, capsys):
-    """NaN noise makes every sample NaN (dopri5 cannot step it): the run still writes its files and says so."""
+    """NaN noise makes every sample NaN (dopri5 cannot step it): the run writes its files and says so."""
     monkeypatch.setattr(fm, "eval_noise", lambda data, seed, device: torch.full((50, 2), float("nan")))
     metrics = run("fm", tmp_path, "--steps", "20", "--n-eval", "50")
     assert "ode  non-finite samples: no W2" in capsys.readouterr().out and "w2_ode" not in metrics
