@@ -169,7 +169,7 @@ def evaluate(path, data_dir=None):
         if labels is not None:
             scores[key]["accuracy"] = round(float((predicted == labels).mean()), 4)
         acc = f"  accuracy {scores[key]['accuracy']:.3f}" if labels is not None else ""
-        print(f"{key:>12}  {metric} {d:.4f}  floor {floor:.4f}  ({d / floor:.2f}x){acc}")
+        print(f"{key:>16}  {metric} {d:.4f}  floor {floor:.4f}  ({d / floor:.2f}x){acc}")
     return scores
 
 

@@ -8,14 +8,17 @@ collection's time convention: data x at t = 0, noise e ~ N(0, I) at t = 1, z_t =
                      v_theta = u_theta(z_t, t, t)
   iMF loss           || u_theta(z_t, r, t) + (t - r) sg(d/dt u) - (e - x) ||^2
   one step           x = e - u_theta(e, r = 0, t = 1)
-  guidance           --cond --guidance W, trained in as in MeanFlow: labelled rows regress
-                     W (e - x) + (1 - W) sg(u(z_t, t, t | no label)); one step stays one network evaluation
+  guidance           --cond: u also takes a guidance scale w, as g = 1 - 1/w; a training row draws w and
+                     its labelled target is (e - x) + g sg(v(z_t, t | label, w) - v(z_t, t | no label, 1)),
+                     so --guidance W is chosen when sampling, and one step stays one network evaluation
 Departures from the papers (measured: RESULTS.md): (r, t) with 70% of a batch r = t (t logit-normal(-0.4, 1)
 on toys, the larger of two uniforms on images), 20% r = 0, 10% two sorted uniforms; the plain squared loss,
-not the adaptive weighting; small networks with a low-frequency time embedding.
+not the adaptive weighting; w log-uniform in [1, 4] (the iMF notes; the official code's [1, 8] scored worse
+on digits), no guidance-interval input; small networks with a low-frequency time embedding.
 
-  python imf.py                                     # moons, about 30 s on a laptop CPU: W2 vs the floor
-  python imf.py --data digits --cond --guidance 2   # then: python evaluate.py outputs/imf
+  python imf.py                          # moons, about 30 s on a laptop CPU: W2 vs the floor
+  python imf.py --data digits --cond     # one step at w = 1, 1.5, 2, 3, 4; python evaluate.py outputs/imf
+  python imf.py --data digits --cond --guidance 2.5     # the finished run sampled again at w = 2.5
 """
 import argparse
 import copy
@@ -49,45 +52,53 @@ def sample_r_t(n, device, boundary_t="logit-normal", boundary_frac=0.7, r0_frac=
     return r, t, nb
 
 
-def meanflow_jvp(model, z, r, t, v, labels=None):
+def meanflow_jvp(model, z, r, t, v, labels=None, scale=()):
     """u(z, r, t) and d/dt u = du/dz . v + du/dt by one JVP with tangent (v, 0, 1) (and 0 for the weights:
-    faster on a CPU than as constants)."""
+    faster on a CPU than as constants); the guidance scale's input, if any, held fixed."""
     weights = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     zeros = {k: torch.zeros_like(w) for k, w in weights.items()}
-    f = lambda w, z, r, t: torch.func.functional_call(model, w, (z, r, t), {"labels": labels})  # noqa: E731
+    f = lambda w, z, r, t: torch.func.functional_call(model, w, (z, r, t, *scale), {"labels": labels})  # noqa
     with warnings.catch_warnings():                         # torch.func.jvp: "torch.jit.script is deprecated"
         warnings.filterwarnings("ignore", message=".*torch.jit.script")
         return torch.func.jvp(f, (weights, z, r, t), (zeros, v, torch.zeros_like(r), torch.ones_like(t)))
 
 
-def imf_loss(model, x, e, labels=None, guidance=1.0, boundary_t="logit-normal"):
-    """iMF: ||u(z_t, r, t) + (t - r) sg(d/dt u) - v_tgt||^2, v_tgt = e - x, or with guidance w != 1 on
-    labelled rows w (e - x) + (1 - w) sg(u(z_t, t, t | no label)); JVP tangent v_theta = u(z_t, t, t)."""
+def imf_loss(model, x, e, labels=None, boundary_t="logit-normal", w_max=4.0):
+    """iMF: ||u(z_t, r, t) + (t - r) sg(d/dt u) - v_g||^2, JVP tangent v_theta = u(z_t, t, t). Unconditional:
+    v_g = e - x. With labels each row draws a guidance scale w, log-uniform in [1, w_max], that u takes as
+    the input g = 1 - 1/w; labelled rows regress v_g = (e - x) + g sg(v(z_t | label, w) - v(z_t | none, 1)),
+    optimal at the guided velocity v(none) + w (v(label) - v(none)) (iMF's guidance, as its official code)."""
     r, t, nb = sample_r_t(len(x), x.device, boundary_t)
     tb = t.view(-1, *[1] * (x.dim() - 1))
     z = (1 - tb) * x + tb * e                               # z_t = (1 - t) x + t e
-    u = model(z, r, t, labels=labels)                       # u_theta(z_t, r, t), trained
+    if labels is not None:
+        w = w_max ** torch.rand(len(x), device=x.device)    # a scale a row, log-uniform in [1, w_max]
+    scale = [] if labels is None else [1 - 1 / w]           # the net's input g = 1 - 1/w
+    u = model(z, r, t, *scale, labels=labels)               # u_theta(z_t, r, t), trained
     with torch.no_grad():                                   # sg(.); the JVP term vanishes where r = t
-        zj, rj, tj = z[nb:], r[nb:], t[nb:]
-        lj = None if labels is None else labels[nb:]
-        v_theta = model(zj, tj, tj, labels=lj)              # boundary condition v(z, t) = u(z, t, t)
-        _, dudt = meanflow_jvp(model, zj, rj, tj, v_theta, lj)
+        j = slice(nb, None)                                 # the rows r < t
+        lj, sj = None if labels is None else labels[j], [s[j] for s in scale]
+        v_theta = model(z[j], t[j], t[j], *sj, labels=lj)   # boundary condition v(z, t) = u(z, t, t)
+        _, dudt = meanflow_jvp(model, z[j], r[j], t[j], v_theta, lj, sj)
         target = e - x                                      # the conditional velocity
-        if labels is not None and guidance != 1:
+        if labels is not None:                              # v(z_t, t | label, w): u if r = t, else v_theta
             null = torch.full_like(labels, model.n_classes)
-            keep = (labels != null).view(-1, *tb.shape[1:])
-            v_null = model(z, t, t, labels=null)
-            target = torch.where(keep, guidance * target + (1 - guidance) * v_null, target)
-    V = torch.cat([u[:nb], u[nb:] + (tj - rj).view(-1, *tb.shape[1:]) * dudt])   # the compound prediction
+            v_null = model(z, t, t, torch.zeros_like(t), labels=null)
+            g = torch.where(labels == null, 0.0, scale[0])  # dropped labels: the unguided target
+            target = target + g.view(tb.shape) * (torch.cat([u[:nb], v_theta]) - v_null)
+    V = torch.cat([u[:nb], u[nb:] + (t - r)[j].view(-1, *tb.shape[1:]) * dudt])   # the compound prediction
     return ((V - target) ** 2).mean()
 
 
 @torch.no_grad()
-def sample(model, e, nfe, labels=None):
-    """nfe equal steps from t = 1 to 0, z_r = z_t - (t - r) u(z_t, r, t); nfe = 1 is x = e - u(e, 0, 1)."""
+def sample(model, e, nfe, labels=None, w=1.0):
+    """nfe equal steps from t = 1 to 0, z_r = z_t - (t - r) u(z_t, r, t); nfe = 1 is x = e - u(e, 0, 1);
+    with labels at guidance scale w (the input g = 1 - 1/w)."""
     z, ts = e, torch.linspace(1.0, 0.0, nfe + 1, device=e.device)
+    scale = [] if labels is None else [torch.full((len(e),), 1 - 1 / w, device=e.device)]
     for i in range(nfe):
-        z = z - (ts[i] - ts[i + 1]) * model(z, ts[i + 1].expand(len(e)), ts[i].expand(len(e)), labels=labels)
+        r, t = ts[i + 1].expand(len(e)), ts[i].expand(len(e))
+        z = z - (ts[i] - ts[i + 1]) * model(z, r, t, *scale, labels=labels)
     return z
 
 
@@ -301,8 +312,7 @@ def train(model, loss_fn, batches, steps, lr, path, config, ckpt=None, desc="tra
     t0 = time.perf_counter()
     try:
         for step in tqdm(range(len(losses), steps), desc, total=steps, initial=len(losses), mininterval=1):
-            x, e, labels = next(batches)
-            loss = loss_fn(model, x, e, labels)
+            loss = loss_fn(model, *next(batches))           # (x, e, labels, ...)
             value = loss.item()                             # the step's one wait for the device
             if not math.isfinite(value):                    # stop before it reaches the weights
                 raise RunError(f"the loss became non-finite at step {step + 1} of {desc}; try a lower --lr")
@@ -421,6 +431,7 @@ def plot_panels(path, title, panels, losses, metrics, labels=None):
 
 # --- config ---
 SCRIPT = os.path.splitext(os.path.basename(__file__))[0]
+GUIDANCE_SWEEP = (1.0, 1.5, 2.0, 3.0, 4.0)                  # --cond: one trained model sampled at each
 DEFAULTS = {"toys": {"steps": 3600, "batch_size": 512, "lr": 5e-3, "channels": 32, "n_eval": 2000,
                      "boundary_t": "logit-normal"},
             "digits": {"steps": 4000, "batch_size": 128, "lr": 2e-3, "channels": 16, "n_eval": 2000,
@@ -458,7 +469,8 @@ def get_args(argv=None):
     p.add_argument("--n-eval", type=positive(int), default=per_data, help="samples to evaluate")
     p.add_argument("--cond", action="store_true", help=f"class-conditional ({', '.join(N_CLASSES)})")
     p.add_argument("--guidance", type=positive(float), default=1.0,
-                   help="with --cond: classifier-free guidance weight")
+                   help="with --cond: the guidance scale shown (and the sweep's); another samples a "
+                   "finished run again")
     args = p.parse_args(argv)
     for key, value in DEFAULTS["toys" if args.data in TOYS else args.data].items():
         vars(args).setdefault(key, value)
@@ -487,33 +499,41 @@ def run(args):
     device = torch.device(args.device)
     data = Data(args.data, args.data_dir, args.seed, device, args.n_eval)
     n_classes = data.n_classes if args.cond else 0
-    if data.shape == (2,):                                  # u_theta(z, r, t): two times
-        model = ResMLP(2, n_classes).to(device)
+    if data.shape == (2,):                                  # u_theta(z, r, t), with --cond also of g
+        model = ResMLP(2 + args.cond, n_classes).to(device)
     else:                                                   # channels-last: faster convolutions on a CPU
-        model = SmallUNet(data.shape, 2, args.channels, n_classes)
+        model = SmallUNet(data.shape, 2 + args.cond, args.channels, n_classes)
         model = model.to(device, memory_format=torch.channels_last)
-    keys = ["data", "data_dir", "channels", "cond", "guidance", "boundary_t", "seed", "lr", "batch_size"]
+    keys = ["data", "data_dir", "channels", "cond", "boundary_t", "seed", "lr", "batch_size"]
     config = {k: vars(args)[k] for k in keys + ["steps"]}   # what makes it this run: --resume refuses others
+    # a finished checkpoint made with these settings is sampled again (another --guidance: no training), an
+    # unfinished one continued by --resume
     path = os.path.join(args.out, "checkpoint.pt")
-    ckpt = load_checkpoint(path, config, resume=True) if args.resume else None
-    if os.path.exists(path) and ckpt is None:
-        print(f"note: training anew; {path} will be replaced")
-    loss_fn = functools.partial(imf_loss, guidance=args.guidance, boundary_t=args.boundary_t)
+    ckpt = load_checkpoint(path, config, args.resume)
+    if ckpt is not None and ckpt["step"] < config["steps"] and not args.resume:
+        print(f"note: {path} stopped at step {ckpt['step']}; training it anew (--resume continues it)")
+        ckpt = None
+    elif ckpt is not None and ckpt["step"] == config["steps"]:
+        print(f"note: sampling the finished {path} again; delete it to train anew")
+    loss_fn = functools.partial(imf_loss, boundary_t=args.boundary_t)
     batches = data.batches(args.batch_size, args.cond)
     ema, info = train(model, loss_fn, batches, args.steps, args.lr, path, config, ckpt)
 
-    # one and two steps from the same noise, for the held-out set's labels
+    # one and two steps from the same noise, for the held-out set's labels; with --cond at each scale
     e = eval_noise(data, args.seed + 3000, device)
     labels = data.heldout_labels if args.cond else None
     y = None if labels is None else torch.as_tensor(labels, device=device)
-    samples = {f"nfe{k}": data.to_data(sample(ema, e, k, y)) for k in (1, 2)}
+    scales = sorted({*GUIDANCE_SWEEP, args.guidance}) if args.cond else [1.0]
+    tag = lambda w: f"_w{w:g}" if args.cond else ""         # noqa: E731  (keys nfe1, or nfe1_w2, ...)
+    samples = {f"nfe{k}{tag(w)}": data.to_data(sample(ema, e, k, y, w)) for w in scales for k in (1, 2)}
     print(f"iMF on {args.data}, {info['steps']} steps:")
     metrics = report_w2(samples, data) if data.shape == (2,) else {}
     metrics.update(steps=info["steps"], train_seconds=info["train_seconds"])
-    panels = [("real (held-out)", data.heldout), *samples.items()]
-    if data.shape == (2,):
-        panels.append(("nfe1", np.stack([data.to_data(e), samples["nfe1"]], 1)[:300]))  # e -> e - u(e, 0, 1)
-    title = f"improved MeanFlow on {args.data}" + (f", guidance {args.guidance:g}" if y is not None else "")
+    shown = [k for k in samples if k.startswith("nfe1")] + [f"nfe2{tag(args.guidance)}"]   # 1 step at each w
+    panels = [("real (held-out)", data.heldout)] + [(k, samples[k]) for k in shown]
+    if data.shape == (2,):                                  # e -> e - u(e, 0, 1)
+        panels.append(("nfe1", np.stack([data.to_data(e), samples[f"nfe1{tag(args.guidance)}"]], 1)[:300]))
+    title = f"improved MeanFlow on {args.data}" + (", guidance scale w at sampling" if y is not None else "")
     save_results(args, samples, data, metrics, labels)
     plot_panels(os.path.join(args.out, "results.png"), f"{title}, {info['steps']} steps", panels,
                 {"iMF": info["losses"]}, metrics, labels)

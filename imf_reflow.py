@@ -9,14 +9,17 @@ z_t = (1 - t) x + t e (the reflow paper's t is 1 - t).
   stage 2    iMF (imf.py) on the pairs, from the teacher's weights: || u(z_t, r, t) + (t - r) sg(d/dt u)
              - (e - x_hat) ||^2, d/dt u = du/dz . v + du/dt by one JVP, tangent (v, 0, 1), v = u(z_t, t, t)
   one step   x = e - u(e, r = 0, t = 1), as z_r = z_t - (t - r) u(z_t, r, t)
-  guidance   --cond --guidance W: pairs per label from the teacher's guided ODE (fm: guided when sampled,
-             for t in --guidance-interval; iMF: W in its training target); stage 2 learns the guided map
+  guidance   --cond: pairs per label from the teacher's ODE guided at w = 1, 1.5, 2, 3, 4, a share each
+             (fm: classifier-free, for t in --guidance-interval; iMF: w an input, as imf.py); stage 2 takes
+             each pair's w as an input (w-conditioned distillation, Meng et al., CVPR 2023), so --guidance W
+             is chosen when sampling: a finished run asked for another W samples again, with no training
 Departures from the papers (measured: RESULTS.md): a flow-matching teacher by default (half the cost a step,
 a better stage 2); iMF's boundary t the larger of two uniforms; small networks; on mnist the fm teacher's
 ODE unguided for t > 0.9 (as fm.py, after Kynkaanniemi et al., NeurIPS 2024).
 
   python imf_reflow.py                  # moons: teacher, dopri5 pairs, iMF; about a minute on a laptop CPU
   python imf_reflow.py --teacher imf    # an iMF teacher instead of flow matching
+  python imf_reflow.py --data digits --cond --guidance 2    # then: python evaluate.py outputs/imf_reflow
 Files in --out: stage1.pt, pairs1.pt, stage2.pt; a later run reuses those made with its settings.
 """
 import argparse
@@ -52,90 +55,106 @@ def sample_r_t(n, device, boundary_t="max", boundary_frac=0.7, r0_frac=0.2):
     return r, t, nb
 
 
-def meanflow_jvp(model, z, r, t, v, labels=None):
+def meanflow_jvp(model, z, r, t, v, labels=None, scale=()):
     """u(z, r, t) and d/dt u = du/dz . v + du/dt by one JVP with tangent (v, 0, 1) (and 0 for the weights:
-    faster on a CPU than as constants)."""
+    faster on a CPU than as constants); the guidance scale's input, if any, held fixed."""
     weights = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     zeros = {k: torch.zeros_like(w) for k, w in weights.items()}
-    f = lambda w, z, r, t: torch.func.functional_call(model, w, (z, r, t), {"labels": labels})  # noqa: E731
+    f = lambda w, z, r, t: torch.func.functional_call(model, w, (z, r, t, *scale), {"labels": labels})  # noqa
     with warnings.catch_warnings():                         # torch.func.jvp: "torch.jit.script is deprecated"
         warnings.filterwarnings("ignore", message=".*torch.jit.script")
         return torch.func.jvp(f, (weights, z, r, t), (zeros, v, torch.zeros_like(r), torch.ones_like(t)))
 
 
-def imf_loss(model, x, e, labels=None, guidance=1.0, boundary_t="max"):
-    """iMF: ||u(z_t, r, t) + (t - r) sg(d/dt u) - v_tgt||^2, v_tgt = e - x, or with guidance w != 1 on
-    labelled rows w (e - x) + (1 - w) sg(u(z_t, t, t | no label)); JVP tangent v_theta = u(z_t, t, t)."""
+def imf_loss(model, x, e, labels=None, w=None, boundary_t="max", w_max=4.0):
+    """iMF: ||u(z_t, r, t) + (t - r) sg(d/dt u) - v_g||^2, JVP tangent v_theta = u(z_t, t, t). Unconditional:
+    v_g = e - x. With labels u also takes a guidance scale w as the input g = 1 - 1/w: on pairs, each pair's
+    (its x is guided already: v_g = e - x); else (the iMF teacher) drawn log-uniform in [1, w_max], and
+    labelled rows regress v_g = (e - x) + g sg(v(z_t | label, w) - v(z_t | none, 1)), as in imf.py."""
     r, t, nb = sample_r_t(len(x), x.device, boundary_t)
     tb = t.view(-1, *[1] * (x.dim() - 1))
     z = (1 - tb) * x + tb * e                               # z_t = (1 - t) x + t e
-    u = model(z, r, t, labels=labels)                       # u_theta(z_t, r, t), trained
+    guided = labels is not None and w is None               # the iMF teacher: guided targets
+    if guided:
+        w = w_max ** torch.rand(len(x), device=x.device)    # a scale a row, log-uniform in [1, w_max]
+    scale = [] if labels is None else [1 - 1 / w]           # the net's input g = 1 - 1/w
+    u = model(z, r, t, *scale, labels=labels)               # u_theta(z_t, r, t), trained
     with torch.no_grad():                                   # sg(.); the JVP term vanishes where r = t
-        zj, rj, tj = z[nb:], r[nb:], t[nb:]
-        lj = None if labels is None else labels[nb:]
-        v_theta = model(zj, tj, tj, labels=lj)              # boundary condition v(z, t) = u(z, t, t)
-        _, dudt = meanflow_jvp(model, zj, rj, tj, v_theta, lj)
+        j = slice(nb, None)                                 # the rows r < t
+        lj, sj = None if labels is None else labels[j], [s[j] for s in scale]
+        v_theta = model(z[j], t[j], t[j], *sj, labels=lj)   # boundary condition v(z, t) = u(z, t, t)
+        _, dudt = meanflow_jvp(model, z[j], r[j], t[j], v_theta, lj, sj)
         target = e - x                                      # the conditional velocity
-        if labels is not None and guidance != 1:
+        if guided:                                          # v(z_t, t | label, w): u if r = t, else v_theta
             null = torch.full_like(labels, model.n_classes)
-            keep = (labels != null).view(-1, *tb.shape[1:])
-            v_null = model(z, t, t, labels=null)
-            target = torch.where(keep, guidance * target + (1 - guidance) * v_null, target)
-    V = torch.cat([u[:nb], u[nb:] + (tj - rj).view(-1, *tb.shape[1:]) * dudt])   # the compound prediction
+            v_null = model(z, t, t, torch.zeros_like(t), labels=null)
+            g = torch.where(labels == null, 0.0, scale[0])  # dropped labels: the unguided target
+            target = target + g.view(tb.shape) * (torch.cat([u[:nb], v_theta]) - v_null)
+    V = torch.cat([u[:nb], u[nb:] + (t - r)[j].view(-1, *tb.shape[1:]) * dudt])   # the compound prediction
     return ((V - target) ** 2).mean()
 
 
 @torch.no_grad()
-def sample(model, e, nfe, labels=None):
-    """nfe equal steps from t = 1 to 0, z_r = z_t - (t - r) u(z_t, r, t); nfe = 1 is x = e - u(e, 0, 1)."""
+def sample(model, e, nfe, labels=None, w=1.0):
+    """nfe equal steps from t = 1 to 0, z_r = z_t - (t - r) u(z_t, r, t); nfe = 1 is x = e - u(e, 0, 1);
+    with labels at guidance scale w (the input g = 1 - 1/w)."""
     z, ts = e, torch.linspace(1.0, 0.0, nfe + 1, device=e.device)
+    scale = [] if labels is None else [torch.full((len(e),), 1 - 1 / w, device=e.device)]
     for i in range(nfe):
-        z = z - (ts[i] - ts[i + 1]) * model(z, ts[i + 1].expand(len(e)), ts[i].expand(len(e)), labels=labels)
+        r, t = ts[i + 1].expand(len(e)), ts[i].expand(len(e))
+        z = z - (ts[i] - ts[i + 1]) * model(z, r, t, *scale, labels=labels)
     return z
 
 
 def fm_loss(model, x, e, labels=None):
-    """The flow-matching teacher (--teacher fm): only the boundary u(z_t, t, t) = v(z_t, t) is trained."""
+    """The flow-matching teacher (--teacher fm): only the boundary u(z_t, t, t) = v(z_t, t) is trained, at
+    the scale input of w = 1 (it is guided by classifier-free guidance when sampled)."""
     t = torch.rand(len(x), device=x.device)
     tb = t.view(-1, *[1] * (x.dim() - 1))
     z = (1 - tb) * x + tb * e
-    return ((model(z, t, t, labels=labels) - (e - x)) ** 2).mean()
+    scale = [] if labels is None else [torch.zeros_like(t)]
+    return ((model(z, t, t, *scale, labels=labels) - (e - x)) ** 2).mean()
 
 
-def velocity(model, z, t, labels=None, w=1.0):
-    """v(z, t) = u_theta(z, t, t); with labels and w != 1 guided, v(no label) + w (v(label) - v(no label))."""
-    if labels is None or w == 1:
-        return model(z, t, t, labels=labels)
+def velocity(model, z, t, labels=None, w=1.0, cfg=False):
+    """v(z, t) = u_theta(z, t, t); with labels guided by w: as the net's input g = 1 - 1/w (iMF), or with cfg
+    (the fm teacher, trained at g = 0) classifier-free, v(no label) + w (v(label) - v(no label))."""
+    if labels is None:
+        return model(z, t, t)
+    g = torch.full_like(t, 0.0 if cfg else 1 - 1 / w)
+    if not cfg or w == 1:
+        return model(z, t, t, g, labels=labels)
     null = torch.full_like(labels, model.n_classes)
-    uncond, cond = model(torch.cat([z, z]), torch.cat([t, t]), torch.cat([t, t]),
+    uncond, cond = model(torch.cat([z, z]), torch.cat([t, t]), torch.cat([t, t]), torch.cat([g, g]),
                          labels=torch.cat([null, labels])).chunk(2)
     return uncond + w * (cond - uncond)
 
 
 @torch.no_grad()
 def euler_sample(model, e, steps, labels=None, w=1.0, interval=(0.0, 1.0)):
-    """Euler from t = 1 to 0 in equal steps, z <- z + (t_next - t) v(z, t), guided in the interval: z, NFE."""
+    """The fm teacher: Euler from t = 1 to 0 in equal steps, z <- z + (t_next - t) v(z, t), classifier-free
+    guided in the interval: z, NFE."""
     lo, hi = torch.tensor(interval).tolist()                # float32, as the times
     z, ts, nfe = e, torch.linspace(1.0, 0.0, steps + 1).tolist(), 0
     for i in range(steps):
         w_t = w if lo <= ts[i] <= hi else 1.0
         t = torch.full((len(e),), ts[i], device=e.device)
-        z = z + (ts[i + 1] - ts[i]) * velocity(model, z, t, labels, w_t)
+        z = z + (ts[i + 1] - ts[i]) * velocity(model, z, t, labels, w_t, cfg=True)
         nfe += 1 if labels is None or w_t == 1 else 2
     return z, nfe
 
 
 @torch.no_grad()
-def ode_generate(model, e, labels=None, w=1.0, interval=(0.0, 1.0), n_grid=1, steps=0):
-    """dz/dt = v(z, t) from t = 1 to 0 by dopri5 (or steps midpoint steps), guided in the interval: the path
-    at n_grid + 1 times, the NFE."""
+def ode_generate(model, e, labels=None, w=1.0, interval=(0.0, 1.0), n_grid=1, steps=0, cfg=False):
+    """dz/dt = v(z, t) from t = 1 to 0 by dopri5 (or steps midpoint steps), guided in the interval (with cfg;
+    else at the scale input): the path at n_grid + 1 times, the NFE."""
     from torchdiffeq import odeint
     nfe = [0]
 
     def f(t, z):                                            # t: torchdiffeq's tensor, its solvers wait on it
-        w_t = w if interval[0] <= t.clamp(0, 1) <= interval[1] else 1.0      # dopri5 steps past t = 0
-        nfe[0] += 1 if labels is None or w_t == 1 else 2
-        return velocity(model, z, t.expand(len(z)), labels, w_t)
+        w_t = w if not cfg or interval[0] <= t.clamp(0, 1) <= interval[1] else 1.0   # dopri5 steps past 0
+        nfe[0] += 2 if cfg and labels is not None and w_t != 1 else 1
+        return velocity(model, z, t.expand(len(z)), labels, w_t, cfg)
 
     ts = torch.linspace(1.0, 0.0, n_grid + 1, device=e.device)
     if steps:                                               # fixed steps: far cheaper on MNIST (RESULTS.md)
@@ -148,7 +167,7 @@ def ode_generate(model, e, labels=None, w=1.0, interval=(0.0, 1.0), n_grid=1, st
 
 
 @torch.no_grad()
-def straightness(model, path, labels=None, w=1.0, interval=(0.0, 1.0)):
+def straightness(model, path, labels=None, w=1.0, interval=(0.0, 1.0), cfg=False):
     """Of an ODE path z(t_i), t_i = 1 ... 0: S = E int_0^1 ||(z_1 - z_0) - v(z_t, t)||^2 dt (a Riemann sum; 0
     for straight paths) and the transport cost C = E ||z_0 - z_1||^2."""
     lo, hi = torch.tensor(interval).tolist()                # float32, as the times
@@ -156,35 +175,38 @@ def straightness(model, path, labels=None, w=1.0, interval=(0.0, 1.0)):
     line = path[0] - path[-1]
     gaps = []
     for z, t in zip(path[:-1], ts[:-1]):
-        w_t = w if lo <= t <= hi else 1.0
-        v = velocity(model, z, torch.full((len(z),), t, device=z.device), labels, w_t)
+        w_t = w if not cfg or lo <= t <= hi else 1.0
+        v = velocity(model, z, torch.full((len(z),), t, device=z.device), labels, w_t, cfg)
         gaps.append(((line - v) ** 2).flatten(1).sum(1))
     return torch.stack(gaps).mean().item(), (line ** 2).flatten(1).sum(1).mean().item()
 
 
-def make_pairs(model, n, shape, seed, n_classes=0, w=1.0, interval=(0.0, 1.0), steps=0, chunk=4096):
-    """The coupling, on the CPU: n noises e, x_hat = ODE(e) in chunks, balanced labels (if n_classes) that
-    the ODE is guided for with w in the interval, the NFE a pair (a chunk's most) and the seconds it took."""
+def make_pairs(model, n, shape, seed, n_classes=0, scales=(1.0,), interval=(0.0, 1.0), steps=0, chunk=4096,
+               cfg=False):
+    """The coupling, on the CPU: n noises e, x_hat = ODE(e) in chunks, balanced labels (if n_classes) and an
+    equal share guided at each scale w (with cfg in the interval), the NFE a pair (the most), the seconds."""
     t0 = time.perf_counter()
     device = next(model.parameters()).device
     e = torch.randn(n, *shape, generator=torch.Generator().manual_seed(seed))
     labels = torch.arange(n) % n_classes if n_classes else None
-    x_hat, nfe = [], 0
-    for i, part in enumerate(tqdm(e.split(chunk), desc="pairs (ODE)", mininterval=1.0)):
-        y = None if labels is None else labels[i * chunk:(i + 1) * chunk].to(device)
-        path, k = ode_generate(model, part.to(device), y, w, interval, steps=steps)
-        x_hat.append(path[-1].cpu())
+    w = torch.tensor(scales)[torch.arange(n) * len(scales) // n]           # in blocks, each label balanced
+    parts = [(s, i) for s in scales for i in torch.nonzero(w == s)[:, 0].split(chunk)]
+    x_hat, nfe = torch.empty(n, *shape), 0
+    for s, i in tqdm(parts, desc="pairs (ODE)", mininterval=1.0):
+        y = None if labels is None else labels[i].to(device)
+        path, k = ode_generate(model, e[i].to(device), y, s, interval, steps=steps, cfg=cfg)
+        x_hat[i] = path[-1].cpu()
         nfe = max(nfe, k)
     seconds = round(time.perf_counter() - t0, 2)
-    return {"x_hat": torch.cat(x_hat), "e": e, "labels": labels, "nfe": nfe, "seconds": seconds}
+    return {"x_hat": x_hat, "e": e, "labels": labels, "w": w, "nfe": nfe, "seconds": seconds}
 
 
 def pair_batches(pairs, n, device):
-    """Endless batches (x_hat, e, labels) of random pairs on the device, for a reflow stage."""
+    """Endless batches (x_hat, e, labels, w) of random pairs on the device, for a reflow stage."""
     while True:
         i = torch.randint(len(pairs["e"]), (n,))
         labels = None if pairs["labels"] is None else pairs["labels"][i].to(device)
-        yield pairs["x_hat"][i].to(device), pairs["e"][i].to(device), labels
+        yield pairs["x_hat"][i].to(device), pairs["e"][i].to(device), labels, pairs["w"][i].to(device)
 
 
 # --- model ---
@@ -397,8 +419,7 @@ def train(model, loss_fn, batches, steps, lr, path, config, ckpt=None, desc="tra
     t0 = time.perf_counter()
     try:
         for step in tqdm(range(len(losses), steps), desc, total=steps, initial=len(losses), mininterval=1):
-            x, e, labels = next(batches)
-            loss = loss_fn(model, x, e, labels)
+            loss = loss_fn(model, *next(batches))           # (x, e, labels, ...)
             value = loss.item()                             # the step's one wait for the device
             if not math.isfinite(value):                    # stop before it reaches the weights
                 raise RunError(f"the loss became non-finite at step {step + 1} of {desc}; try a lower --lr")
@@ -522,6 +543,7 @@ def plot_panels(path, title, panels, losses, metrics, labels=None):
 
 # --- config ---
 SCRIPT = os.path.splitext(os.path.basename(__file__))[0]
+GUIDANCE_SWEEP = (1.0, 1.5, 2.0, 3.0, 4.0)                  # --cond: stage 2's pairs and samples at each
 DEFAULTS = {"toys": {"steps": 4000, "reflow_steps": 2000, "batch_size": 512, "lr": 5e-3, "channels": 32,
                      "n_pairs": 16384, "ode_steps": 0, "n_eval": 2000, "guidance_interval": [0.0, 1.0]},
             "digits": {"steps": 5000, "reflow_steps": 2500, "batch_size": 128, "lr": 2e-3, "channels": 16,
@@ -559,7 +581,8 @@ def get_args(argv=None):
     p.add_argument("--n-eval", type=positive(int), default=per_data, help="samples to evaluate")
     p.add_argument("--cond", action="store_true", help=f"class-conditional ({', '.join(N_CLASSES)})")
     p.add_argument("--guidance", type=positive(float), default=1.0,
-                   help="with --cond: classifier-free guidance weight")
+                   help="with --cond: the guidance scale (stage 2 is sampled at the sweep's too); another "
+                   "samples a finished run again")
     p.add_argument("--guidance-interval", type=float, nargs=2, default=per_data, metavar=("LO", "HI"),
                    help="guide the fm teacher's ODE only for t in [LO, HI]; unguided elsewhere")
     p.add_argument("--reflow-steps", type=positive(int), default=per_data, help="training steps of stage 2")
@@ -599,40 +622,41 @@ def run(args):
     device = torch.device(args.device)
     data = Data(args.data, args.data_dir, args.seed, device, args.n_eval)
     n_classes = data.n_classes if args.cond else 0
-    if data.shape == (2,):                                  # u_theta(z, r, t): two times
-        model = ResMLP(2, n_classes).to(device)
+    if data.shape == (2,):                                  # u_theta(z, r, t), with --cond also of g
+        model = ResMLP(2 + args.cond, n_classes).to(device)
     else:                                                   # channels-last: faster convolutions on a CPU
-        model = SmallUNet(data.shape, 2, args.channels, n_classes)
+        model = SmallUNet(data.shape, 2 + args.cond, args.channels, n_classes)
         model = model.to(device, memory_format=torch.channels_last)
     fm = args.teacher == "fm"
     keys = ["data", "data_dir", "channels", "cond", "teacher", "seed", "lr", "batch_size"]
     config = {k: vars(args)[k] for k in keys + ["steps"]}   # what makes it this run: --resume refuses others
-    config["guidance"] = None if fm else args.guidance      # the fm teacher is guided only when sampled
     stages, infos, pair_infos = {}, {}, {}
-    # stage 1, the teacher on independent (x, e): flow matching on the boundary, or iMF with guidance in its
-    # target: a finished stage file made with these settings is reused, an unfinished one resumed by --resume
+    # stage 1, the teacher on independent (x, e): flow matching on the boundary, or iMF with the guidance
+    # scale an input: a finished stage file made with these settings is reused, an unfinished one resumed by
+    # --resume
     path = os.path.join(args.out, "stage1.pt")
     ckpt = load_checkpoint(path, config, args.resume)
     if ckpt is not None and ckpt["step"] < config["steps"] and not args.resume:
         print(f"note: {path} stopped at step {ckpt['step']}; training it anew (--resume continues it)")
         ckpt = None
     batches = data.batches(args.batch_size, args.cond)
-    loss_fn = fm_loss if fm else functools.partial(imf_loss, guidance=args.guidance)
+    loss_fn = fm_loss if fm else imf_loss
     stages["stage1"], infos["stage1"] = train(model, loss_fn, batches, args.steps, args.lr, path, config,
                                               ckpt, "stage1")
 
-    # stage 2: iMF on the pairs of the teacher's ODE (the fm teacher's guided, per label), from its weights.
-    # The pairs and stage files are reused only if made from the very file upstream ("made_from": its hash)
-    w = args.guidance if fm else 1.0
+    # stage 2: iMF on the pairs of the teacher's ODE (per label, a share guided at each scale of the sweep),
+    # from its weights, with each pair's scale as its input. The pairs and stage files are reused only if made
+    # from the very file upstream ("made_from": its hash)
+    scales = GUIDANCE_SWEEP if args.cond else (1.0,)
     pairs_path = os.path.join(args.out, "pairs1.pt")
-    pairs_config = {"n_pairs": args.n_pairs, "ode_steps": args.ode_steps, "guidance": w,
-                    "guidance_interval": args.guidance_interval if w != 1 else None,
+    pairs_config = {"n_pairs": args.n_pairs, "ode_steps": args.ode_steps, "scales": list(scales),
+                    "guidance_interval": args.guidance_interval if fm and args.cond else None,
                     "made_from": file_hash(path)}
     pairs = load_checkpoint(pairs_path, pairs_config, args.resume)
     if pairs is None:
         chunk = 256 if args.data == "mnist" else 4096        # on a CPU big image batches cost 3x more
-        pairs = make_pairs(stages["stage1"], args.n_pairs, data.shape, args.seed + 4001, n_classes, w,
-                           args.guidance_interval, args.ode_steps, chunk)
+        pairs = make_pairs(stages["stage1"], args.n_pairs, data.shape, args.seed + 4001, n_classes, scales,
+                           args.guidance_interval, args.ode_steps, chunk, cfg=fm)
         save_checkpoint(pairs_path, {**pairs, "config": pairs_config})
     pair_infos["pairs1"] = {"nfe": pairs["nfe"], "seconds": pairs["seconds"]}
     torch.manual_seed(args.seed + 5001)                     # the stage's batches, whether files were reused
@@ -648,39 +672,42 @@ def run(args):
     stages["stage2"], infos["stage2"] = train(model, loss_fn, batches, args.reflow_steps, args.lr, path,
                                               config, ckpt, "stage2")
 
-    # each stage: 1, 2, 4 steps and its ODE, from the same noise, for the held-out set's labels; the fm
-    # teacher takes Euler steps, guided as its pairs were
+    # each stage: 1, 2, 4 steps and its ODE at --guidance, from the same noise, for the held-out set's labels
+    # (the fm teacher: Euler steps, classifier-free guided); with --cond stage 2's steps at each scale too
     e = eval_noise(data, args.seed + 3000, device)
     labels = data.heldout_labels if args.cond else None
     y = None if labels is None else torch.as_tensor(labels, device=device)
+    w = args.guidance
+    tag = lambda w: f"_w{w:g}" if args.cond else ""         # noqa: E731  (keys stage2_nfe1, or ..._w2, ...)
     ode = f"{args.ode_steps} midpoint steps" if args.ode_steps else "dopri5"
     print(f"iMF on a reflow coupling, {args.data}: each stage's few steps and ODE ({ode}):")
     losses, out, panels = {name: info.pop("losses") for name, info in infos.items()}, {}, []
     for name, model in stages.items():
-        euler = name == "stage1" and fm
-        w = args.guidance if euler else 1.0
-        for n in (1, 2, 4):
-            if euler:
-                x, nfe = euler_sample(model, e, n, y, w, args.guidance_interval)
-            else:
-                x, nfe = sample(model, e, n, y), n
-            out[f"{name}_nfe{nfe}"] = x
-            if n == 1:                                      # the one-step panel (2 NFE if guided)
-                panels.append((f"{name}_nfe{nfe}", x))
+        cfg = name == "stage1" and fm
+        for s in sorted({*scales, w}) if name == "stage2" else [w]:
+            for n in (1, 2, 4):
+                if cfg:
+                    x, nfe = euler_sample(model, e, n, y, s, args.guidance_interval)
+                else:
+                    x, nfe = sample(model, e, n, y, s), n
+                out[f"{name}_nfe{nfe}{tag(s)}"] = x
+                if n == 1 and s in (1.0, w, scales[-1]):    # one-step panels (2 NFE if cfg), a few scales
+                    panels.append((f"{name}_nfe{nfe}{tag(s)}", x))
         n_grid = 100 if data.shape == (2,) else 10         # the path's points for its straightness
         path, infos[name]["ode_nfe"] = ode_generate(model, e, y, w, args.guidance_interval, n_grid,
-                                                    args.ode_steps)
-        out[f"{name}_ode"] = path[-1]
-        S, C = straightness(model, path, y, w, args.guidance_interval)
+                                                    args.ode_steps, cfg)
+        out[f"{name}_ode{tag(w)}"] = path[-1]
+        S, C = straightness(model, path, y, w, args.guidance_interval, cfg)
         infos[name].update(straightness=S, transport_cost=C)
         print(f"{name}: {infos[name]['steps']} steps, straightness {S:.4f}, transport cost {C:.4f}")
-        panels.append((f"{name}_ode", path[:, :300].transpose(0, 1) if data.shape == (2,) else path[-1]))
+        path = path[:, :300].transpose(0, 1) if data.shape == (2,) else path[-1]    # 2D: the paths
+        panels.append((f"{name}_ode{tag(w)}", path))
     samples = {k: data.to_data(v) for k, v in out.items()}
     metrics = report_w2(samples, data) if data.shape == (2,) else {}
     metrics.update(stages=infos, pairs=pair_infos)
     panels = [("real (held-out)", data.heldout)] + [(k, data.to_data(v)) for k, v in panels]
     title = f"iMF on a reflow coupling, {args.data}"
-    title += f", guidance {args.guidance:g}" if y is not None else ""
+    title += f", guidance {args.guidance:g} (stage 2 sampled at several)" if y is not None else ""
     title += f" for t in {args.guidance_interval}" if y is not None and fm else ""
     title += ": " + " -> ".join(f"{name} ({info['steps']} steps)" for name, info in infos.items())
     save_results(args, samples, data, metrics, labels)

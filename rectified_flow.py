@@ -296,8 +296,7 @@ def train(model, loss_fn, batches, steps, lr, path, config, ckpt=None, desc="tra
     t0 = time.perf_counter()
     try:
         for step in tqdm(range(len(losses), steps), desc, total=steps, initial=len(losses), mininterval=1):
-            x, e, labels = next(batches)
-            loss = loss_fn(model, x, e, labels)
+            loss = loss_fn(model, *next(batches))           # (x, e, labels, ...)
             value = loss.item()                             # the step's one wait for the device
             if not math.isfinite(value):                    # stop before it reaches the weights
                 raise RunError(f"the loss became non-finite at step {step + 1} of {desc}; try a lower --lr")
@@ -499,10 +498,15 @@ def run(args):
         model = model.to(device, memory_format=torch.channels_last)
     keys = ["data", "data_dir", "channels", "cond", "source", "seed", "lr", "batch_size"]
     config = {k: vars(args)[k] for k in keys + ["steps"]}   # what makes it this run: --resume refuses others
+    # a finished checkpoint made with these settings is sampled again (another --guidance: no training), an
+    # unfinished one continued by --resume
     path = os.path.join(args.out, "checkpoint.pt")
-    ckpt = load_checkpoint(path, config, resume=True) if args.resume else None
-    if os.path.exists(path) and ckpt is None:
-        print(f"note: training anew; {path} will be replaced")
+    ckpt = load_checkpoint(path, config, args.resume)
+    if ckpt is not None and ckpt["step"] < config["steps"] and not args.resume:
+        print(f"note: {path} stopped at step {ckpt['step']}; training it anew (--resume continues it)")
+        ckpt = None
+    elif ckpt is not None and ckpt["step"] == config["steps"]:
+        print(f"note: sampling the finished {path} again; delete it to train anew")
     batches = coupling(data.batches(args.batch_size, args.cond),
                        None if source is None else source.batches(args.batch_size))
     ema, info = train(model, rf_loss, batches, args.steps, args.lr, path, config, ckpt)

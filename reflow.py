@@ -345,8 +345,7 @@ def train(model, loss_fn, batches, steps, lr, path, config, ckpt=None, desc="tra
     t0 = time.perf_counter()
     try:
         for step in tqdm(range(len(losses), steps), desc, total=steps, initial=len(losses), mininterval=1):
-            x, e, labels = next(batches)
-            loss = loss_fn(model, x, e, labels)
+            loss = loss_fn(model, *next(batches))           # (x, e, labels, ...)
             value = loss.item()                             # the step's one wait for the device
             if not math.isfinite(value):                    # stop before it reaches the weights
                 raise RunError(f"the loss became non-finite at step {step + 1} of {desc}; try a lower --lr")

@@ -121,35 +121,69 @@ def test_meanflow_jvp_matches_finite_difference(shape, float64):
 @pytest.mark.parametrize("module", ["imf", "imf_reflow"])
 @pytest.mark.parametrize("cond", [False, True])
 def test_imf_loss_matches_a_finite_difference_target(module, cond, float64):
-    """The whole iMF loss: ||u + (t - r) sg(d/dt u) - v_tgt||^2, d/dt u along dz/dt = u(z, t, t), rebuilt
-    with a finite difference, for the value and the gradient. cond: labels (a quarter dropped) and guidance
-    2.5, so v_tgt = 2.5 (e - x) - 1.5 sg(u(z, t, t | no label)) on labelled rows."""
+    """The whole iMF loss: ||u + (t - r) sg(d/dt u) - v_g||^2, d/dt u along dz/dt = u(z, t, t), rebuilt with a
+    finite difference, for the value and the gradient. cond: labels (a quarter dropped), each row's scale w
+    log-uniform in [1, 4] an input g = 1 - 1/w, and v_g = (e - x) + g sg(v(z | label, w) - v(z | none, 1)) on
+    labelled rows, by hand."""
     mod = mods[module]
     torch.manual_seed(0)
-    model = net(mod, 2, n_classes=3 if cond else 0)
+    model = net(mod, 2 + cond, n_classes=3 if cond else 0)
     x, e = torch.randn(64, 2), torch.randn(64, 2)
     y = torch.arange(64) % 4 if cond else None                    # 3 = no label
-    w = 2.5 if cond else 1.0
     torch.manual_seed(3)
-    loss = mod.imf_loss(model, x, e, y, w, "max")
+    loss = mod.imf_loss(model, x, e, y, boundary_t="max")
     grads = torch.autograd.grad(loss, list(model.parameters()))
     torch.manual_seed(3)
     r, t, nb = mod.sample_r_t(64, "cpu", "max")
     assert 0 < nb < 64 and (r[nb:] < t[nb:]).all()
+    g = 1 - 1 / 4.0 ** torch.rand(64)
+    assert not cond or 0 <= g.min() < 0.1 and 0.7 < g.max() <= 0.75
+    scale = [g] if cond else []
     z = (1 - t[:, None]) * x + t[:, None] * e
     h = 1e-6
     with torch.no_grad():
-        v = model(z, t, t, labels=y)
-        dudt = (model(z + h * v, r, t + h, labels=y) - model(z - h * v, r, t - h, labels=y)) / (2 * h)
+        v = model(z, t, t, *scale, labels=y)
+        ahead = model(z + h * v, r, t + h, *scale, labels=y)
+        back = model(z - h * v, r, t - h, *scale, labels=y)
+        dudt = (ahead - back) / (2 * h)
         target = e - x
         if cond:
-            v_null = model(z, t, t, labels=torch.full_like(y, 3))
-            target = torch.where((y != 3)[:, None], w * (e - x) + (1 - w) * v_null, e - x)
-    ref = ((model(z, r, t, labels=y) + (t - r)[:, None] * dudt - target) ** 2).mean()
+            v_null = model(z, t, t, torch.zeros(64), labels=torch.full_like(y, 3))
+            target = torch.where((y != 3)[:, None], e - x + g[:, None] * (v - v_null), e - x)
+    ref = ((model(z, r, t, *scale, labels=y) + (t - r)[:, None] * dudt - target) ** 2).mean()
     ref_grads = torch.autograd.grad(ref, list(model.parameters()))
     assert torch.allclose(loss, ref, rtol=1e-6), (loss, ref)
     for g, g_ref in zip(grads, ref_grads):                     # the JVP and guidance terms carry no gradient
         assert torch.allclose(g, g_ref, rtol=1e-5, atol=1e-8)
+
+
+def test_imf_guided_target_by_hand_and_unguided_at_scale_one(float64):
+    """A tiny net whose velocity is known: v(z | label k, g) = k + 10 g, v(z | none) = 3 (+ 10 g). At r = t
+    the loss is ||v(z | label, w) - v_g||^2 with v_g = (e - x) + g (v(label, w) - v(none, 1)), so it is
+    mean((k + 10 g - (e - x) - g (k + 10 g - 3))^2), by hand; at w = 1 (w_max 1) the target is e - x."""
+    class Tiny(torch.nn.Module):
+        n_classes = 3
+
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Parameter(torch.tensor(1.0))
+
+        def forward(self, z, r, t, g, labels=None):
+            return (self.a * labels.to(z.dtype) + 10 * g)[:, None] + 0 * z + 0 * (t - r)[:, None]
+
+    x, e = torch.zeros(8, 2), torch.ones(8, 2)
+    y = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    for mod in (imf, imf_reflow):
+        torch.manual_seed(5)
+        loss = mod.imf_loss(Tiny(), x, e, y, boundary_t="max")
+        torch.manual_seed(5)
+        mod.sample_r_t(8, "cpu", "max")
+        g = (1 - 1 / 4.0 ** torch.rand(8))
+        v = y + 10 * g
+        v_g = torch.where(y == 3, 1.0, 1 + g * (v - 3))
+        assert torch.allclose(loss, ((v - v_g) ** 2).mean()), mod
+        unguided = mod.imf_loss(Tiny(), x, e, y, boundary_t="max", w_max=1.0)   # g = 0: v = k, v_g = e - x
+        assert torch.allclose(unguided, ((y - 1.0) ** 2).mean())
 
 
 def test_imf_time_sampler_blocks_and_boundary_times():
@@ -277,9 +311,11 @@ def test_guidance_combines_two_outputs_in_one_call_and_counts_both():
     model.register_forward_hook(lambda mod, inp, out: calls.append(len(inp[0])))
     _, nfe = fm.ode_generate(model, z, labels=y, w=2.0)           # guided: each call holds 2 x 16 rows,
     assert nfe == 2 * len(calls) and set(calls) == {32}            # counted as two evaluations
-    model2 = net(imf, 2, n_classes=3)
-    assert torch.allclose(imf_reflow.velocity(model2, z, t, y, 2.0), model2(z, t, t, labels=null) + 2.0 * (
-        model2(z, t, t, labels=y) - model2(z, t, t, labels=null)), atol=1e-6)
+    model2, zero, half = net(imf, 3, n_classes=3), torch.zeros(16), torch.full((16,), 0.5)
+    want = model2(z, t, t, zero, labels=null) + 2.0 * (model2(z, t, t, zero, labels=y) - model2(z, t, t, zero,
+                                                                                                labels=null))
+    assert torch.allclose(imf_reflow.velocity(model2, z, t, y, 2.0, cfg=True), want, atol=1e-6)   # fm teacher
+    assert torch.equal(imf_reflow.velocity(model2, z, t, y, 2.0), model2(z, t, t, half, labels=y))  # 1 - 1/w
 
 
 def test_guidance_interval_leaves_the_steps_outside_it_unguided():
@@ -301,27 +337,64 @@ def test_guidance_interval_leaves_the_steps_outside_it_unguided():
     path, nfe = fm.ode_generate(model, z, "euler", 4, y, 2.0, (0.0, 0.9))
     assert nfe == 7 and rows == [16, 32, 32, 32] and torch.allclose(path[-1], want, atol=1e-6)
     assert fm.euler_sample(model, z, 4, y, 2.0)[1] == 8                      # the default: every step
-    for mod, teacher in ((reflow, model), (imf_reflow, net(imf, 2, n_classes=3))):   # their teachers
+    for mod, teacher in ((reflow, model), (imf_reflow, net(imf, 3, n_classes=3))):   # their teachers
+        cfg = {"cfg": True} if mod is imf_reflow else {}         # imf_reflow's fm teacher: classifier-free
         assert mod.euler_sample(teacher, z, 4, y, 2.0, (0.0, 0.9))[1] == 7
         assert mod is imf_reflow or torch.equal(mod.euler_sample(teacher, z, 4, y, 2.0, (0.0, 0.9))[0], x)
-        pairs = mod.make_pairs(teacher, 16, (2,), 0, 3, 2.0, (0.0, 0.9), steps=4)
+        pairs = mod.make_pairs(teacher, 16, (2,), 0, 3, (2.0,) if cfg else 2.0, (0.0, 0.9), steps=4, **cfg)
         assert pairs["nfe"] == 15                 # midpoint: t = 1 unguided, 0.875, 0.75, ..., 0.125 guided
-        path, nfe = mod.ode_generate(teacher, pairs["e"], pairs["labels"], 2.0, (0.0, 0.9), steps=4)
+        path, nfe = mod.ode_generate(teacher, pairs["e"], pairs["labels"], 2.0, (0.0, 0.9), steps=4, **cfg)
         assert nfe == 15 and torch.allclose(pairs["x_hat"], path[-1])
-        all_guided = mod.ode_generate(teacher, pairs["e"], pairs["labels"], 2.0, steps=4)[0][-1]
+        all_guided = mod.ode_generate(teacher, pairs["e"], pairs["labels"], 2.0, steps=4, **cfg)[0][-1]
         assert not torch.equal(pairs["x_hat"], all_guided)
 
 
-def test_imf_guided_run_samples_in_one_call_per_step(tmp_path):
-    """iMF folds guidance into training: one step with labels calls the network once, with the labels."""
-    run("imf", tmp_path, "--cond", "--guidance", "2", "--steps", "30", "--n-eval", "50")
-    model = net(imf, 2, n_classes=2)
-    model.load_state_dict(torch.load(tmp_path / "checkpoint.pt", weights_only=True)["ema"])
+@pytest.mark.parametrize("script", ["imf", "imf_reflow"])
+def test_imf_guidance_scale_is_an_input_chosen_at_sampling(script, tmp_path, monkeypatch):
+    """A conditional iMF run samples the sweep of scales from one model, one network call a step, and the
+    scale changes the samples; a finished run asked for another --guidance samples again and trains nothing.
+    An unconditional net has no scale input: the scale changes nothing."""
+    mod = mods[script]
+    flags = ["--cond", "--steps", "30", "--n-eval", "50"]
+    two = script == "imf_reflow"                                  # an iMF teacher: imf_loss in both stages
+    flags += ["--teacher", "imf", "--reflow-steps", "20", "--n-pairs", "50"] if two else []
+    run(script, tmp_path, *flags, "--guidance", "2")
+    name = "stage2" if two else "checkpoint"
+    model = net(mod, 3, n_classes=2)
+    model.load_state_dict(torch.load(tmp_path / f"{name}.pt", weights_only=True)["ema"])
     rows = []
-    model.register_forward_hook(lambda mod, inp, out: rows.append(len(inp[0])))
+    model.register_forward_hook(lambda m, inp, out: rows.append(len(inp[0])))
     e, y = torch.randn(50, 2), torch.randint(0, 2, (50,))
-    x = imf.sample(model, e, 1, y)
-    assert rows == [50] and not torch.allclose(x, imf.sample(model, e, 1, 1 - y), atol=1e-3)
+    x = mod.sample(model, e, 1, y, 2.0)
+    assert rows == [50] and not torch.allclose(x, mod.sample(model, e, 1, 1 - y, 2.0), atol=1e-3)
+    assert not torch.allclose(x, mod.sample(model, e, 1, y, 3.0), atol=1e-3)
+    key = "stage2_nfe1" if two else "nfe1"
+    assert {f"{key}_w{w}" for w in ("1", "1.5", "2", "3", "4")} <= set(np.load(tmp_path / "samples.npz"))
+    files = {f: os.stat(tmp_path / f).st_mtime_ns for f in os.listdir(tmp_path) if f.endswith(".pt")}
+    monkeypatch.setattr(mod, "imf_loss", lambda *a, **kw: pytest.fail("trained again"))
+    monkeypatch.setattr(mod, "make_pairs", lambda *a, **kw: pytest.fail("made pairs again"), raising=False)
+    run(script, tmp_path, *flags, "--guidance", "2.5")
+    assert files == {f: os.stat(tmp_path / f).st_mtime_ns for f in files}
+    assert np.isfinite(np.load(tmp_path / "samples.npz")[f"{key}_w2.5"]).all()
+    plain = net(mod, 2)                                           # unconditional: no scale input
+    assert plain.cond[0].in_features == 2 * 64
+    assert torch.equal(mod.sample(plain, e, 1, None, 3.0), mod.sample(plain, e, 1))
+
+
+@pytest.mark.parametrize("script", ["fm", "rectified_flow"])
+def test_a_finished_run_is_sampled_again_at_another_guidance(script, tmp_path, monkeypatch, capsys):
+    """Classifier-free guidance is a sampling setting: a finished run asked for another --guidance loads its
+    checkpoint and samples again; nothing trains and the file stays as it was."""
+    flags = ["--cond", "--steps", "30", "--n-eval", "50", "--ode-steps", "2"]
+    run(script, tmp_path, *flags, "--guidance", "2")
+    before = np.load(tmp_path / "samples.npz")["nfe2"]
+    saved = os.stat(tmp_path / "checkpoint.pt").st_mtime_ns
+    loss = "fm_loss" if script == "fm" else "rf_loss"
+    monkeypatch.setattr(mods[script], loss, lambda *a, **kw: pytest.fail("trained again"))
+    run(script, tmp_path, *flags, "--guidance", "3")
+    assert "sampling the finished" in capsys.readouterr().out
+    assert os.stat(tmp_path / "checkpoint.pt").st_mtime_ns == saved
+    assert not np.allclose(np.load(tmp_path / "samples.npz")["nfe2"], before, atol=1e-4)
 
 
 @pytest.mark.parametrize("script", ["reflow", "imf_reflow"])
@@ -335,12 +408,25 @@ def test_pairs_are_the_ode_endpoints_per_label(script, tmp_path):
     pairs = torch.load(tmp_path / "pairs1.pt", weights_only=True)
     assert torch.equal(torch.bincount(pairs["labels"]), torch.tensor([32, 32]))
     assert pairs["x_hat"].shape == (64, 2)
-    model = net(mod, 2 if script == "imf_reflow" else 1, n_classes=2)
+    model = net(mod, 3 if script == "imf_reflow" else 1, n_classes=2)
     model.load_state_dict(torch.load(tmp_path / "stage1.pt", weights_only=True)["ema"])
-    guided = mod.ode_generate(model, pairs["e"], pairs["labels"], 2.0)[0][-1]
-    plain = mod.ode_generate(model, pairs["e"], pairs["labels"], 1.0)[0][-1]
-    assert torch.allclose(guided, pairs["x_hat"], atol=1e-5) and not torch.allclose(plain, guided, atol=1e-3)
-    assert "w2_ratio_stage2_nfe1" in metrics and "w2_ratio_stage1_nfe2" in metrics   # stage 1 guided: 2 NFE
+    if script == "reflow":
+        guided = mod.ode_generate(model, pairs["e"], pairs["labels"], 2.0)[0][-1]
+        plain = mod.ode_generate(model, pairs["e"], pairs["labels"], 1.0)[0][-1]
+        assert torch.allclose(guided, pairs["x_hat"], atol=1e-5)
+        assert not torch.allclose(plain, guided, atol=1e-3)
+        assert "w2_ratio_stage2_nfe1" in metrics and "w2_ratio_stage1_nfe2" in metrics   # stage 1: 2 NFE
+    else:                                         # a share of the pairs at each scale, by the fm teacher
+        w = pairs["w"].tolist()
+        assert w == sorted(w) and set(w) == {1, 1.5, 2, 3, 4}
+        assert torch.bincount((pairs["w"] * 2).long()).max() - torch.bincount((pairs["w"] * 2).long())[2] <= 1
+        for w in (1.0, 3.0):
+            i = pairs["w"] == w
+            guided = mod.ode_generate(model, pairs["e"][i], pairs["labels"][i], w, cfg=True)[0][-1]
+            assert torch.allclose(guided, pairs["x_hat"][i], atol=1e-5)
+        plain = mod.ode_generate(model, pairs["e"][i], pairs["labels"][i], 1.0, cfg=True)[0][-1]
+        assert not torch.allclose(plain, guided, atol=1e-3)
+        assert "w2_ratio_stage2_nfe1_w1.5" in metrics and "w2_ratio_stage1_nfe2_w2" in metrics
     assert script == "imf_reflow" or "w2_ratio_distill_nfe1" in metrics
     assert np.load(tmp_path / "samples.npz")["labels"].shape == (50,)
 
@@ -597,7 +683,8 @@ def test_mnist_path_of_each_script_on_tiny_idx_files(script, tmp_path, capsys):
     assert f"python evaluate.py {tmp_path / 'out'}" in capsys.readouterr().out      # how to score the images
     saved = np.load(tmp_path / "out" / "samples.npz")
     assert np.allclose(saved["real"][:, 0] * 255, arrays["t10k-images-idx3-ubyte"], atol=1e-3)
-    one_step = {"rectified_flow": "nfe2"}.get(script, "stage2_nfe1" if script in TWO_STAGE else "nfe1")
+    one_step = {"rectified_flow": "nfe2", "reflow": "stage2_nfe1", "imf": "nfe1_w2",
+                "imf_reflow": "stage2_nfe1_w2"}.get(script, "nfe1")
     x = saved[one_step]
     assert x.shape == saved["real"].shape == (12, 1, 28, 28) and 0 <= x.min() and x.max() <= 1
     assert saved["labels"].shape == (12,) and str(saved["data"]) == "mnist"
@@ -605,15 +692,17 @@ def test_mnist_path_of_each_script_on_tiny_idx_files(script, tmp_path, capsys):
         pairs = torch.load(tmp_path / "out" / "pairs1.pt", weights_only=True)
         assert torch.equal(torch.bincount(pairs["labels"]), torch.full((10,), 2))
         assert pairs["x_hat"].shape == pairs["e"].shape == (20, 1, 28, 28)
-        model = net(mods[script], 2 if script == "imf_reflow" else 1, 10, (1, 28, 28), 4)
+        model = net(mods[script], 3 if script == "imf_reflow" else 1, 10, (1, 28, 28), 4)
         model.load_state_dict(torch.load(tmp_path / "out" / "stage1.pt", weights_only=True)["ema"])
         steps = mods[script].DEFAULTS["mnist"]["ode_steps"]                  # mnist: fixed midpoint steps
         lo, hi = mods[script].DEFAULTS["mnist"]["guidance_interval"]
-        x_hat = mods[script].ode_generate(model, pairs["e"], pairs["labels"], 2.0, (lo, hi), steps=steps)
-        x_hat = x_hat[0][-1]
+        i = pairs["w"] == 2.0 if script == "imf_reflow" else slice(None)     # imf_reflow: a scale's share
+        cfg = {"cfg": True} if script == "imf_reflow" else {}
+        x_hat = mods[script].ode_generate(model, pairs["e"][i], pairs["labels"][i], 2.0, (lo, hi),
+                                          steps=steps, **cfg)[0][-1]
         times = [1 - k / (2 * steps) for k in range(2 * steps)]               # midpoint: 2 evaluations a step
         assert steps > 0 and pairs["nfe"] == sum(2 if lo <= t <= hi else 1 for t in times)    # guided: 2 each
-        assert torch.allclose(x_hat, pairs["x_hat"], atol=1e-6)
+        assert torch.allclose(x_hat, pairs["x_hat"][i], atol=1e-6)
 
 
 def test_resume_continues_with_new_batches_and_refuses_another_run(tmp_path, monkeypatch, capsys):
@@ -643,11 +732,12 @@ def test_resume_continues_with_new_batches_and_refuses_another_run(tmp_path, mon
         other = {**dict(zip(flags[::2], flags[1::2])), flag: value}
         with pytest.raises(imf.RunError, match=f"another {flag[2:].replace('-', '_')}: drop --resume"):
             run("imf", tmp_path, *[s for item in other.items() for s in item], "--resume")
-    run("imf", tmp_path, *flags, "--resume")                          # finished: nothing to train
-    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 70 and len(seen) == 70
-    capsys.readouterr()
-    run("imf", tmp_path, "--steps", "10", "--n-eval", "50")              # no --resume: a new run, said so
-    assert "will be replaced" in capsys.readouterr().out
+    for resume in (["--resume"], []):                                 # finished: sampled again, no training
+        run("imf", tmp_path, *flags, *resume)
+        assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 70 and len(seen) == 70
+    assert "sampling the finished" in capsys.readouterr().out
+    run("imf", tmp_path, "--steps", "10", "--n-eval", "50")              # other settings: a new run, said so
+    assert "made with another steps; making it again" in capsys.readouterr().out
 
 
 def test_two_stage_files_are_reused_only_from_the_same_upstream(tmp_path, capsys):
