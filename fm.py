@@ -293,8 +293,9 @@ def train(model, loss_fn, batches, steps, lr, path, config, ckpt=None, desc="tra
         for step in tqdm(range(len(losses), steps), desc, total=steps, initial=len(losses), mininterval=1):
             loss = loss_fn(model, *next(batches))           # (x, e, labels, ...)
             value = loss.item()                             # the step's one wait for the device
-            if not math.isfinite(value):                    # stop before it reaches the weights
-                raise RunError(f"the loss became non-finite at step {step + 1} of {desc}; try a lower --lr")
+            if not value < 1e4 * (losses[0] if losses else math.inf):     # non-finite, or 10^4 x the first
+                why = f"the loss diverged to {value:.3g} at step {step + 1} of {desc}"
+                raise RunError(f"{why}; try a lower --lr")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             warmup = min(1.0, (step + 1) / min(200, steps // 10 + 1))

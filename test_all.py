@@ -776,9 +776,24 @@ def test_nonfinite_loss_stops_with_one_line_and_keeps_the_checkpoint(tmp_path):
     good = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     code, out = cli("fm", "--out", str(tmp_path), "--steps", "400", "--lr", "1e9", "--n-eval", "50")
     message = out.strip().splitlines()[-1]
-    assert code == 1 and "non-finite at step" in message and "lower --lr" in message
+    assert code == 1 and "diverged to" in message and "lower --lr" in message
     assert torch.equal(torch.load(tmp_path / "checkpoint.pt", weights_only=True)["model"]["inp.weight"],
                        good["model"]["inp.weight"])
+
+
+def test_a_finite_runaway_loss_stops_too(tmp_path, monkeypatch):
+    """A loss 10^4 times its first is a diverged run (imf.py on MNIST once went to 1e31 and stayed finite):
+    it stops in one line at that step, before the weights take it; 10^3 times goes on."""
+    calls, imf_loss = [], imf.imf_loss
+
+    def runaway(model, x, e, labels=None, **kw):
+        calls.append(1)
+        loss = imf_loss(model, x, e, labels, **kw)
+        return loss / loss.detach() * (2e4 if len(calls) == 8 else 1e3 if len(calls) == 5 else 1.0)
+    monkeypatch.setattr(imf, "imf_loss", runaway)
+    with pytest.raises(imf.RunError, match="diverged to 2e\\+04 at step 8 of training; try a lower --lr"):
+        run("imf", tmp_path, "--steps", "20", "--n-eval", "50")
+    assert len(calls) == 8 and not (tmp_path / "checkpoint.pt").exists()
 
 
 def test_ctrl_c_saves_the_checkpoint_and_says_resume_continues(tmp_path):
